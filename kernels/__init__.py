@@ -1,0 +1,13 @@
+"""barnfast.kernels: Triton kernels with autograd, a PyTorch reference for each, and device dispatch.
+
+Imports torch and triton only (never transformers), so other trainers can use the ops alone:
+
+    from barnfast.kernels import fused_linear_cross_entropy, projector_mlp, merge_visual_text
+
+Every public op takes ``backend="auto" | "triton" | "torch"``: ``auto`` runs Triton on CUDA tensors
+and the PyTorch reference path elsewhere; ``triton`` on CPU tensors works under ``TRITON_INTERPRET=1``.
+"""
+
+from ._backend import resolve_backend
+
+__all__ = ["resolve_backend"]
