@@ -1,0 +1,209 @@
+"""Recipe configuration: composed dataclasses, loaded from TOML, overridden from the command line.
+
+A recipe file (``barnfast/recipes/*.toml`` or any path) holds the sections ``[model]``, ``[data]``,
+``[train]`` and one ``[[stages]]`` table per stage. Every field is validated in ``__post_init__``
+and a bad value raises :class:`~barnfast.errors.ConfigError` naming the field, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "llama1"
+    """Registry name of the LLM (``barnfast.backbones``), e.g. ``llama3`` or ``llama3-tiny``."""
+    model_path: str | None = None
+    """Local Hugging Face checkpoint folder for the LLM; None: the registry's (tiny: random weights)."""
+    vision: str = "auto"
+    """Vision tower registry name; ``auto``: ``clip-l-336``, or its tiny twin for a ``-tiny`` backbone."""
+    vision_path: str | None = None
+    """Local folder of the vision tower's weights."""
+    projector_approximate: str = "none"
+    """GELU of the projector: ``none`` (erf, as LLaVA-1.5) or ``tanh``."""
+    pad_vocab_to_multiple_of: int = 64
+    """The ``<image>`` token is appended to the vocabulary; embeddings are resized to a multiple of this."""
+
+    def __post_init__(self):
+        _check(bool(self.backbone), "model.backbone", "must name a backbone")
+        _check(self.projector_approximate in ("none", "tanh"), "model.projector_approximate",
+               f"must be 'none' or 'tanh', got {self.projector_approximate!r}")
+        _check(self.pad_vocab_to_multiple_of >= 1, "model.pad_vocab_to_multiple_of", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    stage1_data: str | None = None
+    """LLaVA JSON/JSONL of stage 1 (captions); None: the built-in synthetic set, created on first use."""
+    stage2_data: str | None = None
+    """LLaVA JSON/JSONL of stage 2 (instructions); None: the built-in synthetic set."""
+    image_root: str | None = None
+    """Folder the ``image`` paths of the data files are relative to (default: the data file's folder)."""
+    synthetic_dir: str | None = None
+    """Where the built-in synthetic data lives; None: ``<output_dir>/data``."""
+    synthetic_stage1: int = 512
+    synthetic_stage2: int = 512
+    synthetic_eval: int = 100
+    image_aspect: str = "pad"
+    """LLaVA-1.5 ``pad`` (to a square of the mean colour) or ``resize``."""
+    max_skip_fraction: float = 0.01
+    """The run fails when more than this share of a stage's samples is skipped as bad input."""
+    num_workers: int = 0
+    """DataLoader worker processes that build micro-batches (image decoding, collation)."""
+
+    def __post_init__(self):
+        _check(self.image_aspect in ("pad", "resize"), "data.image_aspect", f"must be 'pad' or 'resize', got "
+               f"{self.image_aspect!r}")
+        _check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        for name in ("synthetic_stage1", "synthetic_stage2", "synthetic_eval"):
+            _check(getattr(self, name) >= 1, f"data.{name}", "must be >= 1")
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage1"
+    """``stage1`` (projector on captions) or ``stage2`` (projector + LLM on instructions)."""
+    lr: float = 1e-3
+    global_batch: int = 256
+    """Samples per optimizer step, whatever the number of processes (accumulation fills the gap)."""
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    train_llm: bool = False
+    """Stage 1: False (projector only). Stage 2: True (projector + LLM)."""
+    template: str = "auto"
+    """Chat template: ``plain`` for stage 1; ``auto`` = the backbone's."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: the whole epochs)."""
+
+    def __post_init__(self):
+        p = f"stages[{self.name}]"
+        _check(self.name in ("stage1", "stage2"), f"{p}.name", f"must be 'stage1' or 'stage2', got {self.name!r}")
+        _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        _check(self.global_batch >= 1, f"{p}.global_batch", f"must be >= 1, got {self.global_batch}")
+        _check(self.epochs >= 1, f"{p}.epochs", "must be >= 1")
+        _check(0.0 <= self.warmup_ratio < 1.0, f"{p}.warmup_ratio", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        _check(self.max_grad_norm > 0, f"{p}.max_grad_norm", "must be > 0")
+        _check(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", "must be >= 1 or unset")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    token_budget: int = 8192
+    """Tokens per packed micro-batch (images counted as their visual tokens)."""
+    packing: bool = True
+    """False: padded micro-batches of ``micro_batch_size`` samples (the LLaVA way), for comparison."""
+    micro_batch_size: int = 16
+    """Samples per padded micro-batch when ``packing`` is False."""
+    dtype: str = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU; or ``fp32`` / ``bf16``."""
+    max_length: int | None = None
+    """Longest sample in tokens (None: the backbone's context); longer samples are skipped."""
+    log_every: int = 1
+    kernel_backend: str = "auto"
+    """Backend of barnfast.kernels ops: ``auto`` | ``triton`` | ``torch``."""
+
+    def __post_init__(self):
+        _check(self.token_budget >= 16, "train.token_budget", f"must be >= 16, got {self.token_budget}")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _check(self.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto|fp32|bf16, got {self.dtype!r}")
+        _check(self.max_length is None or self.max_length >= 16, "train.max_length", "must be >= 16 or unset")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.kernel_backend in ("auto", "triton", "torch"), "train.kernel_backend",
+               f"must be auto|triton|torch, got {self.kernel_backend!r}")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    output_dir: str = "runs/default"
+
+    def __post_init__(self):
+        _check(len(self.stages) >= 1, "stages", "at least one stage is needed")
+        names = [s.name for s in self.stages]
+        _check(len(set(names)) == len(names), "stages", f"stage names repeat: {names}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    """Build a validated Recipe from a nested dict (the TOML document)."""
+    top = set(d) - {"model", "data", "train", "stages", "output_dir"}
+    if top:
+        raise ConfigError(f"recipe: unknown section(s) {sorted(top)}")
+    kwargs = {name: _build(cls, d.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    stages = [_build(StageConfig, s, f"stages[{i}]") for i, s in enumerate(d.get("stages", []))]
+    return Recipe(**kwargs, stages=stages or [StageConfig()], output_dir=d.get("output_dir", "runs/default"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A recipe given by name (``llava15``, looked up in barnfast/recipes/) or by file path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.toml"
+    if candidate.exists():
+        return candidate
+    known = sorted(x.stem for x in RECIPES_DIR.glob("*.toml"))
+    raise ConfigError(f"recipe: {name_or_path!r} is neither a .toml file nor a known recipe {known}")
+
+
+def load_recipe(name_or_path: str, overrides: dict | None = None) -> Recipe:
+    """Load a TOML recipe and apply ``overrides`` given as dotted keys (``{"train.seed": 3}``).
+
+    A stage field is overridden for every stage with ``stages.<field>`` or for one with
+    ``stage1.<field>`` / ``stage2.<field>``.
+    """
+    with open(resolve_recipe_path(name_or_path), "rb") as f:
+        d = tomllib.load(f)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        head, _, leaf = key.partition(".")
+        if head == "output_dir" and not leaf:
+            d["output_dir"] = value
+        elif head in _SECTIONS:
+            d.setdefault(head, {})[leaf] = value
+        elif head == "stages":
+            for s in d.setdefault("stages", []):
+                s[leaf] = value
+        elif head in ("stage1", "stage2"):
+            matches = [s for s in d.get("stages", []) if s.get("name") == head]
+            if not matches:
+                raise ConfigError(f"{key}: the recipe has no stage named {head}")
+            matches[0][leaf] = value
+        else:
+            raise ConfigError(f"override {key!r}: unknown section {head!r}")
+    return recipe_from_dict(d)
