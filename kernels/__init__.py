@@ -9,5 +9,15 @@ and the PyTorch reference path elsewhere; ``triton`` on CPU tensors works under 
 """
 
 from ._backend import resolve_backend
+from .fused_linear_cross_entropy import (
+    FusedLinearCrossEntropyLoss,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+)
 
-__all__ = ["resolve_backend"]
+__all__ = [
+    "resolve_backend",
+    "FusedLinearCrossEntropyLoss",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
+]
