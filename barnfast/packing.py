@@ -126,8 +126,9 @@ def _validate(lengths, global_batch: int, token_budget: int, world_size: int, ba
     bad = np.flatnonzero(arr <= 0)
     if bad.size:
         raise ValueError(f"lengths must be positive ints: lengths[{bad[0]}] = {arr[bad[0]]}")
-    for name, v in (("global_batch", global_batch), ("token_budget", token_budget), ("world_size", world_size)):
-        if int(v) != v or v < 1:
+    sizes = {"global_batch": global_batch, "token_budget": token_budget, "world_size": world_size}
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -206,6 +207,8 @@ def _pack_steps_numpy(order: np.ndarray, lens: np.ndarray, G: int, W: int, budge
     """
     n = len(order)
     S = -(-n // G)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64)
     # (S, G) grid of the steps in data order; the short last step is padded with length 0, which
     # sorts after every real sample and adds nothing to a rank's load.
     pos = np.full(S * G, -1, dtype=np.int64)
