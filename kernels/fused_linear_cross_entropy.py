@@ -207,11 +207,11 @@ def _ce_step_torch(logits, target, row_scale, loss_out, compute_grad, label_smoo
 
 def _addmm_fp32_(acc, a, b):
     """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32, without an (M, N) temporary."""
-    if a.dtype == acc.dtype:
+    if a.dtype == b.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
+    elif acc.is_cuda and a.dtype == b.dtype:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16/fp16 tensor cores, fp32 out
-    else:  # CPU has no addmm(out_dtype=...): upcast the chunk-sized operands, never the (V, H) result
+    else:  # CPU has no addmm(out_dtype=...); or fp32 dlogits of the torch step: upcast the chunk-sized operands
         acc.addmm_(a.float(), b.float())
 
 
