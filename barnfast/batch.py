@@ -1,0 +1,110 @@
+"""Micro-batches: packed (one row of several samples, no padding) and padded (the LLaVA way).
+
+Targets are the labels shifted by one *within each sample*: ``targets[t]`` is the label of token
+``t + 1`` of the same sample, and -100 at every sample's last token, so no loss term ever
+predicts the next sample's first token from the previous sample's last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def shift_targets(labels: np.ndarray) -> np.ndarray:
+    """(L,) labels → (L,) next-token targets of one sample, -100 at the last position."""
+    out = np.full_like(labels, IGNORE_INDEX)
+    out[:-1] = labels[1:]
+    return out
+
+
+@dataclass
+class PackedBatch:
+    """One packed micro-batch of B samples and T tokens in total."""
+
+    input_ids: torch.Tensor  # (T,) int64, image placeholders included
+    targets: torch.Tensor  # (T,) int64, -100 where no loss
+    position_ids: torch.Tensor  # (T,) int64, restarting at 0 per sample
+    cu_seqlens: torch.Tensor  # (B+1,) int32
+    max_seqlen: int
+    pixel_values: torch.Tensor | None  # (I, 3, S, S) for the images in order, or None
+    sample_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_targets(self) -> torch.Tensor:
+        return (self.targets != IGNORE_INDEX).sum()
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> PackedBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return PackedBatch(move(self.input_ids), move(self.targets), move(self.position_ids),
+                           move(self.cu_seqlens), self.max_seqlen, move(self.pixel_values), self.sample_ids)
+
+
+@dataclass
+class PaddedBatch:
+    """B samples right-padded to the longest, as the original LLaVA code batches them."""
+
+    input_ids: torch.Tensor  # (B, S) int64, pad_id after each sample's end
+    targets: torch.Tensor  # (B, S) int64, -100 at padding
+    attention_mask: torch.Tensor  # (B, S) int64, 1 on real tokens
+    pixel_values: torch.Tensor | None  # (I, 3, S, S)
+    sample_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_targets(self) -> torch.Tensor:
+        return (self.targets != IGNORE_INDEX).sum()
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> PaddedBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return PaddedBatch(move(self.input_ids), move(self.targets), move(self.attention_mask),
+                           move(self.pixel_values), self.sample_ids)
+
+
+def _stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor | None:
+    pixels = [p for p in pixels if p is not None and p.numel()]
+    return torch.cat(pixels, 0) if pixels else None
+
+
+def collate_packed(ids: list[np.ndarray], labels: list[np.ndarray], pixels: list[torch.Tensor | None],
+                   sample_ids: list[str]) -> PackedBatch:
+    """Concatenate samples into one packed row; ``pixels[i]`` is (n_i, 3, S, S) or None."""
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    cu = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    return PackedBatch(
+        input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+        targets=torch.from_numpy(np.concatenate([shift_targets(lab) for lab in labels]).astype(np.int64)),
+        position_ids=torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)),
+        cu_seqlens=torch.from_numpy(cu),
+        max_seqlen=int(lengths.max()),
+        pixel_values=_stack_pixels(pixels),
+        sample_ids=list(sample_ids),
+    )
+
+
+def collate_padded(ids: list[np.ndarray], labels: list[np.ndarray], pixels: list[torch.Tensor | None],
+                   sample_ids: list[str], pad_id: int) -> PaddedBatch:
+    """Right-pad samples to the longest one of the micro-batch."""
+    longest = max(len(x) for x in ids)
+    B = len(ids)
+    input_ids = torch.full((B, longest), pad_id, dtype=torch.int64)
+    targets = torch.full((B, longest), IGNORE_INDEX, dtype=torch.int64)
+    mask = torch.zeros((B, longest), dtype=torch.int64)
+    for b, (x, lab) in enumerate(zip(ids, labels)):
+        n = len(x)
+        input_ids[b, :n] = torch.from_numpy(x.astype(np.int64))
+        targets[b, :n] = torch.from_numpy(shift_targets(lab).astype(np.int64))
+        mask[b, :n] = 1
+    return PaddedBatch(input_ids, targets, mask, _stack_pixels(pixels), list(sample_ids))

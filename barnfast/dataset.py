@@ -1,0 +1,133 @@
+"""A stage's samples, encoded once, validated, and served as micro-batches.
+
+Every sample is encoded up front (chat template → input_ids and labels, each ``<image>``
+expanded to the vision tower's token count) because the planner needs every length before the
+first step. A sample that cannot be used — missing or corrupt image, no assistant turn, longer
+than the context, placeholder count that differs from its images — is skipped, counted, and its
+id and reason written to ``skipped_samples.jsonl``; the stage fails only when the skipped share
+passes ``max_skip_fraction``. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .batch import PackedBatch, PaddedBatch, collate_packed, collate_padded
+from .chat import count_image_placeholders, encode_conversation
+from .data.images import load_image
+from .data.llava import Sample
+from .errors import SampleError
+from .vision import VisionTower
+
+
+class TooManySkippedError(RuntimeError):
+    """More than the allowed share of a stage's samples was skipped as bad input."""
+
+
+@dataclass
+class Encoded:
+    id: str
+    input_ids: np.ndarray  # (L,) int32
+    labels: np.ndarray  # (L,) int32, -100 except assistant tokens
+    images: list[Path]
+
+
+def _check_image(path: Path) -> None:
+    """Cheap validity check at encode time: the file exists and its header parses; full decode happens later."""
+    if not path.is_file():
+        raise SampleError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - any decoder error is a corrupt image
+        raise SampleError(f"corrupt image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class StageDataset:
+    """Encoded samples of one stage, with their token lengths for the planner."""
+
+    def __init__(self, samples: list[Sample], *, tokenizer, template: str, image_token_id: int,
+                 vision: VisionTower, image_root: str | Path, max_length: int, image_aspect: str = "pad",
+                 max_skip_fraction: float = 0.01, skipped_path: str | Path | None = None, show_progress: bool = True,
+                 pad_id: int = 0):
+        self.vision = vision
+        self.image_aspect = image_aspect
+        self.pad_id = pad_id
+        self.items: list[Encoded] = []
+        self.skipped: list[tuple[str, str]] = []
+        root = Path(image_root)
+        for s in tqdm(samples, desc=f"encode ({template})", disable=not show_progress, mininterval=1.0):
+            try:
+                n_placeholders = count_image_placeholders(s.conversations)
+                if template != "plain" and n_placeholders != len(s.images):
+                    raise SampleError(f"{n_placeholders} <image> placeholder(s) but {len(s.images)} image(s)")
+                if template == "plain" and len(s.images) != 1:
+                    raise SampleError(f"stage-1 caption samples need exactly one image, got {len(s.images)}")
+                paths = [root / p for p in s.images]
+                for p in paths:
+                    _check_image(p)
+                ids, labels = encode_conversation(tokenizer, template, s.conversations,
+                                                  image_token_id=image_token_id, num_image_tokens=vision.num_tokens)
+                if len(ids) > max_length:
+                    raise SampleError(f"{len(ids)} tokens, longer than the context of {max_length}")
+                if not any(x != -100 for x in labels):
+                    raise SampleError("no target tokens after encoding (empty answers)")
+                self.items.append(Encoded(s.id, np.asarray(ids, np.int32), np.asarray(labels, np.int32), paths))
+            except SampleError as exc:
+                self.skipped.append((s.id, str(exc)))
+        self.lengths = np.array([len(e.input_ids) for e in self.items], dtype=np.int64)
+        if skipped_path is not None:
+            self.write_skipped(skipped_path)
+        total = len(samples)
+        share = len(self.skipped) / max(total, 1)
+        if share > max_skip_fraction or not self.items:
+            first = "; ".join(f"{i}: {r}" for i, r in self.skipped[:5])
+            raise TooManySkippedError(
+                f"{len(self.skipped)} of {total} samples ({share:.1%}) were skipped as bad input, more than "
+                f"data.max_skip_fraction={max_skip_fraction:.1%}; see {skipped_path}. First: {first}")
+
+    def write_skipped(self, path: str | Path) -> None:
+        with open(path, "w") as f:
+            for sid, reason in self.skipped:
+                f.write(json.dumps({"id": sid, "reason": reason}) + "\n")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pixels(self, i: int) -> torch.Tensor | None:
+        paths = self.items[i].images
+        if not paths:
+            return None
+        return torch.stack([self.vision.preprocess(load_image(p), mode=self.image_aspect) for p in paths])
+
+    def _gather(self, indices):
+        idx = [int(i) for i in indices]
+        return ([self.items[i].input_ids for i in idx], [self.items[i].labels for i in idx],
+                [self.pixels(i) for i in idx], [self.items[i].id for i in idx])
+
+    def packed(self, indices) -> PackedBatch:
+        return collate_packed(*self._gather(indices))
+
+    def padded(self, indices) -> PaddedBatch:
+        return collate_padded(*self._gather(indices), pad_id=self.pad_id)
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """The micro-batches of a list, built in DataLoader workers (image decoding and collation)."""
+
+    def __init__(self, dataset: StageDataset, micro_batches: list[np.ndarray], packed: bool = True):
+        self.dataset, self.micro_batches, self.packed = dataset, micro_batches, packed
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+    def __getitem__(self, k: int):
+        mb = self.micro_batches[k]
+        return self.dataset.packed(mb) if self.packed else self.dataset.padded(mb)

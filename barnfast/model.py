@@ -1,0 +1,208 @@
+"""The LLaVA model: Hugging Face modules, barnfast's forward.
+
+The modules are those of a transformers ``LlavaForConditionalGeneration`` (vision tower, projector,
+language model, ``lm_head``), with the same parameter names, so the trained model is exported with
+``save_pretrained`` and loads in transformers, vLLM and lmms-eval unchanged. The projector is
+barnfast's fused :class:`~barnfast.kernels.ProjectorMLP` (same ``linear_1``/``linear_2`` names).
+
+The train step never calls Hugging Face's forward. :meth:`LlavaVLM.forward` runs, on one packed
+micro-batch:
+
+    pixel_values (I,3,S,S) ─ vision tower (frozen, layer -2, CLS dropped) ─► (I,P,C)
+      └─ projector_mlp ─► visual (I·P, H)
+    merge_visual_text(input_ids, embed_tokens.weight, visual) ─► embeddings (T, H)
+      └─ decoder layers, attention isolated per sample (cu_seqlens) ─► norm ─► (T, H)
+        └─ fused_linear_cross_entropy(hidden, lm_head.weight, targets, num_target_tokens)
+
+so the (T, V) logits never exist. :meth:`LlavaVLM.forward_padded` is the LLaVA-recipe baseline
+(per-sample merge loop, padded batch, full logits), kept for comparison and tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from barnfast.kernels import ProjectorMLP, fused_linear_cross_entropy, merge_visual_text
+
+from . import attention
+from .batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from .vision import VisionTower, encode_images
+
+IMAGE_TOKEN = "<image>"
+
+
+class LlavaVLM(nn.Module):
+    """A ``LlavaForConditionalGeneration`` (``self.hf``) with barnfast's packed training forward."""
+
+    def __init__(self, hf: LlavaForConditionalGeneration, vision: VisionTower, image_token_id: int,
+                 kernel_backend: str = "auto"):
+        super().__init__()
+        self.hf = hf
+        self.vision = vision
+        self.image_token_id = int(image_token_id)
+        self.kernel_backend = kernel_backend
+
+    # The modules, by their Hugging Face names.
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.hf.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.hf.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.hf.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.hf.lm_head
+
+    def set_trainable(self, *, projector: bool, llm: bool) -> None:
+        """Stage 1: projector only; stage 2: projector + LLM. The vision tower is always frozen."""
+        self.vision_tower.requires_grad_(False)
+        self.projector.requires_grad_(projector)
+        self.language_model.requires_grad_(llm)
+        self.lm_head.requires_grad_(llm)
+
+    def visual_tokens(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """(I, 3, S, S) images → (I·P, H) projected visual tokens, in image order."""
+        proj_dtype = self.projector.linear_1.weight.dtype
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            H = self.language_model.config.hidden_size
+            return self.projector.linear_2.weight.new_zeros(0, H)
+        with torch.no_grad():
+            feats = encode_images(self.vision, self.vision_tower, pixel_values.to(self.vision_tower.dtype))
+        return self.projector(feats.reshape(-1, feats.shape[-1]).to(proj_dtype))
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """Final-norm hidden states (T, H) of a packed micro-batch."""
+        lm = self.language_model
+        visual = self.visual_tokens(batch.pixel_values)
+        embeds = merge_visual_text(batch.input_ids, lm.embed_tokens.weight, visual.to(lm.embed_tokens.weight.dtype),
+                                   self.image_token_id, backend=self.kernel_backend)
+        x = embeds.unsqueeze(0)  # (1, T, H): one packed row
+        pos = batch.position_ids.unsqueeze(0)
+        rope = lm.rotary_emb(x, pos)
+        kwargs = attention.packing_kwargs(batch.cu_seqlens, batch.max_seqlen, x.shape[1])
+        for layer in lm.layers:
+            x = layer(x, attention_mask=None, position_ids=pos, position_embeddings=rope, **kwargs)
+        return lm.norm(x)[0]
+
+    def forward(self, batch: PackedBatch | PaddedBatch, num_target_tokens: torch.Tensor | float | None = None
+                ) -> torch.Tensor:
+        """Loss of a micro-batch: sum of its token losses / ``num_target_tokens`` (default: its own count).
+
+        A :class:`PaddedBatch` goes through the LLaVA-recipe baseline :meth:`forward_padded`.
+        """
+        if isinstance(batch, PaddedBatch):
+            return self.forward_padded(batch, num_target_tokens)
+        hidden = self.hidden_states(batch)
+        loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, batch.targets, reduction="mean",
+                                          num_target_tokens=num_target_tokens, backend=self.kernel_backend)
+        if batch.pixel_values is None and self.projector.linear_1.weight.requires_grad:
+            # A micro-batch with no image still gives the projector a (zero) gradient, so every
+            # rank reduces the same parameters.
+            loss = loss + 0.0 * sum(p.sum() for p in self.projector.parameters())
+        return loss
+
+    @torch.no_grad()
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        """(T, V) logits of a packed micro-batch (tests and evaluation; training never builds them)."""
+        return self.hidden_states(batch) @ self.lm_head.weight.T
+
+    # -- the LLaVA-recipe baseline -------------------------------------------------------------
+    def forward_padded(self, batch: PaddedBatch, num_target_tokens: torch.Tensor | float | None = None
+                       ) -> torch.Tensor:
+        """The original LLaVA way: per-sample merge loop, padded batch, full logits, plain cross-entropy."""
+        lm = self.language_model
+        embed = lm.embed_tokens
+        visual = self.visual_tokens(batch.pixel_values)
+        rows, k = [], 0
+        for b in range(batch.input_ids.shape[0]):  # split at image tokens, embed text pieces, splice images
+            ids = batch.input_ids[b]
+            is_img = ids == self.image_token_id
+            row = embed(ids.masked_fill(is_img, 0))
+            n = int(is_img.sum())
+            if n:
+                row = row.clone()
+                row[is_img] = visual[k:k + n].to(row.dtype)
+                k += n
+            rows.append(row)
+        x = torch.stack(rows)
+        out = lm(inputs_embeds=x, attention_mask=batch.attention_mask)
+        logits = self.lm_head(out.last_hidden_state).float()
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        denom = batch.num_targets.clamp(min=1) if num_target_tokens is None else num_target_tokens
+        if batch.pixel_values is None and self.projector.linear_1.weight.requires_grad:
+            loss = loss + 0.0 * sum(p.sum() for p in self.projector.parameters())
+        return loss / denom
+
+
+def _resize_vocab(lm: nn.Module, new_size: int) -> None:
+    """Grow the LLM's embedding and output rows to ``new_size``; new rows = mean of the old (deterministic)."""
+    old = lm.get_input_embeddings().weight.shape[0]
+    if new_size == old:
+        return
+    lm.resize_token_embeddings(new_size, mean_resizing=False)
+    with torch.no_grad():
+        emb = lm.get_input_embeddings().weight
+        emb[old:] = emb[:old].mean(0, keepdim=True)
+        out = lm.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[old:] = out.weight[:old].mean(0, keepdim=True)
+
+
+def add_image_token(tokenizer) -> int:
+    """Append ``<image>`` as a special token (once) and return its id."""
+    from tokenizers import AddedToken
+
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def build_model(backbone, vision: VisionTower, *, model_path: str | None = None, vision_path: str | None = None,
+                seed: int = 0, dtype: torch.dtype = torch.float32, projector_approximate: str = "none",
+                pad_vocab_to_multiple_of: int = 64, kernel_backend: str = "auto"):
+    """Assemble (LlavaVLM, tokenizer) from a backbone and a vision tower registry entry.
+
+    The tokenizer gets an ``<image>`` token appended (id = its old length); the LLM's embeddings
+    and ``lm_head`` grow to cover it, rounded up to ``pad_vocab_to_multiple_of`` as the llava-hf
+    checkpoints do (32000 → 32064). The projector is initialised from ``seed`` like ``nn.Linear``.
+    """
+    tokenizer = backbone.load_tokenizer(model_path)
+    image_token_id = add_image_token(tokenizer)
+    lm = backbone.load_model(model_path, dtype=dtype, seed=seed)
+    vocab = max(len(tokenizer), lm.get_input_embeddings().weight.shape[0])
+    m = pad_vocab_to_multiple_of
+    _resize_vocab(lm, (vocab + m - 1) // m * m)
+    lm.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    tower = vision.load(vision_path, dtype=dtype, seed=seed)
+    config = LlavaConfig(
+        vision_config=tower.config,
+        text_config=lm.config,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu" if projector_approximate == "none" else "gelu_pytorch_tanh",
+        vision_feature_layer=vision.feature_layer,
+        vision_feature_select_strategy="default" if vision.drop_cls else "full",
+        image_seq_length=vision.num_tokens,
+        multimodal_projector_bias=True,
+    )
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration(config)
+    hf.model.vision_tower = tower
+    hf.model.language_model = lm.model
+    hf.lm_head = lm.lm_head
+    H = lm.config.hidden_size
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed + 1)
+        hf.model.multi_modal_projector = ProjectorMLP(vision.hidden_size, H, H, bias=True,
+                                                      approximate=projector_approximate).to(dtype)
+    return LlavaVLM(hf, vision, image_token_id, kernel_backend=kernel_backend), tokenizer
