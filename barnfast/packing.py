@@ -32,8 +32,9 @@ A step with fewer samples than ranks cannot give every rank work: `plan_epoch` r
 Complexity: O(n log G) for the per-step sorts, plus O(n log W) for LPT and O(n * B) for
 first-fit (B = micro-batches per rank, a handful). Memory O(n).
 Measured at n = 665,000 (LLaVA-665k-like lengths), G = 128, budget 8192, W = 8, on 2 shared CPU
-cores (bench/bench_planner.py, bench/results/bench_planner_*): numpy 0.19 s, native 0.08 s (p50,
-including the 665k permutation), both under the 1 s target; W = 32 and budget 4096: 0.22 s / 0.14 s.
+cores (bench/bench_planner.py, bench/results/bench_planner_*), p50 including the 665k permutation:
+numpy 0.19-0.31 s, native 0.08-0.13 s (range over two runs on differently loaded cores), both under
+the 1 s target; W = 32, budget 4096: numpy 0.22-0.48 s, native 0.14-0.22 s.
 
 Padding efficiency (logged per step) = real tokens / tokens computed; see `padded_tokens`.
 """
