@@ -14,10 +14,15 @@ from .fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
 )
+from .projector_mlp import ProjectorMLP, projector_mlp, projector_mlp_ref, rename_llava_mm_projector
 
 __all__ = [
     "resolve_backend",
     "FusedLinearCrossEntropyLoss",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",
+    "ProjectorMLP",
+    "projector_mlp",
+    "projector_mlp_ref",
+    "rename_llava_mm_projector",
 ]
