@@ -22,6 +22,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,20 @@ class Trainer:
             show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
         )
 
+    def plan(self, data: StageDataset, stage, epoch: int) -> packing.EpochPlan:
+        """The epoch's plan; a last step with fewer samples than ranks is dropped (it cannot be split)."""
+        n, W = len(data.lengths), self.dist.world_size
+        plan = packing.plan_epoch(data.lengths, global_batch=stage.global_batch,
+                                  token_budget=self.recipe.train.token_budget, world_size=W,
+                                  seed=self.recipe.train.seed, epoch=epoch,
+                                  drop_last=0 < n % stage.global_batch < W)
+        over = int((data.lengths > self.recipe.train.token_budget).sum())
+        if over and self.dist.is_main and epoch == 0:
+            warnings.warn(f"{stage.name}: {over} sample(s) are longer than train.token_budget="
+                          f"{self.recipe.train.token_budget} and get a micro-batch each; raise --token-budget "
+                          f"(longest: {int(data.lengths.max())} tokens)", stacklevel=2)
+        return plan
+
     def micro_batches(self, plan: packing.EpochPlan, lengths: np.ndarray, step: int) -> list[np.ndarray]:
         """This rank's micro-batches of a step: packed by the planner, or fixed-size padded ones."""
         if self.recipe.train.packing:
@@ -136,8 +151,7 @@ class Trainer:
         seed_everything(r.train.seed)
         self.model.set_trainable(projector=True, llm=stage.train_llm)
         data = self.build_dataset(stage)
-        plan = packing.plan_epoch(data.lengths, global_batch=stage.global_batch, token_budget=r.train.token_budget,
-                                  world_size=d.world_size, seed=r.train.seed, epoch=0)
+        plan = self.plan(data, stage, epoch=0)
         total = plan.num_steps * stage.epochs
         if stage.max_steps is not None:
             total = min(total, stage.max_steps)
@@ -150,9 +164,7 @@ class Trainer:
         step = 0
         for epoch in range(stage.epochs):
             if epoch:
-                plan = packing.plan_epoch(data.lengths, global_batch=stage.global_batch,
-                                          token_budget=r.train.token_budget, world_size=d.world_size,
-                                          seed=r.train.seed, epoch=epoch)
+                plan = self.plan(data, stage, epoch=epoch)
             loader = self._loader(data, plan, data.lengths, min(plan.num_steps, total - step))
             for local_step, mbs in enumerate(loader):
                 rec = self.train_step(module, opt, params, stage, mbs, step, total)
