@@ -14,6 +14,7 @@ from .fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
 )
+from .merge_visual_text import merge_visual_text, merge_visual_text_ref
 from .projector_mlp import ProjectorMLP, projector_mlp, projector_mlp_ref, rename_llava_mm_projector
 
 __all__ = [
@@ -25,4 +26,6 @@ __all__ = [
     "projector_mlp",
     "projector_mlp_ref",
     "rename_llava_mm_projector",
+    "merge_visual_text",
+    "merge_visual_text_ref",
 ]
