@@ -4,20 +4,15 @@ An entry records what a controlled comparison needs to hold fixed or report: the
 the architecture numbers (from each checkpoint's ``config.json``), the stage-2 chat template (stage
 1 always uses ``plain``), the pad-token policy and the stop tokens.
 
-Pad-token policy (the real tokenizers ship without a pad token, except Qwen2):
+Pad-token policy (the real tokenizers ship without a pad token, except Qwen2's):
 
-=============  ===============================  ===========================================================
-entry          pad token                        why
-=============  ===============================  ===========================================================
-llama1/2,      ``<unk>`` (id 0)                 LLaVA's choice; never in the text, so padding cannot alias a
-vicuna,                                         real token, and no embedding row is added.
-mistral
-llama3         ``<|reserved_special_token_2|>`` id 128004: the slot Llama 3.1 renamed ``<|finetune_right_pad_id|>``;
-               (id 128004)                      Meta-Llama-3 has no token of that name, so asking for it would
-                                                add a 128257th row.
-llama3.1       ``<|finetune_right_pad_id|>``    Meta's own pad token (id 128004).
-qwen2          ``<|endoftext|>`` (id 151643)    the real tokenizer's pad token.
-=============  ===============================  ===========================================================
+- llama1, llama2, vicuna, mistral: ``<unk>`` (id 0), LLaVA's choice: it never occurs in text, so
+  padding cannot alias a real token, and no embedding row is added.
+- llama3: ``<|reserved_special_token_2|>`` (id 128004), the slot Llama 3.1 renamed
+  ``<|finetune_right_pad_id|>``; Meta-Llama-3 has no token of that name, so asking for it would add
+  a 128257th row.
+- llama3.1: ``<|finetune_right_pad_id|>`` (id 128004), Meta's own pad token.
+- qwen2: ``<|endoftext|>`` (id 151643), the real tokenizer's pad token.
 
 A ``-tiny`` twin keeps the vocabulary size, the GQA ratio, the RoPE base and scaling, the context,
 the weight tying and the special tokens (at their real ids: see :mod:`barnfast.tokenizers_tiny`);
@@ -146,7 +141,10 @@ class Backbone:
         """
         if model_path is None and self.tiny:
             return build_tiny_tokenizer(
-                self.tokenizer_kind, bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token
+                self.tokenizer_kind,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                pad_token=self.pad_token,
             )
         source, local = self._source(model_path)
         tok = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
@@ -213,62 +211,170 @@ _PAD_IDS = {
     "<|endoftext|>": 151643,
 }
 
-_SP = dict(bos_token="<s>", eos_token="</s>", pad_token="<unk>", stop_tokens=("</s>",), tokenizer_kind="sentencepiece")
+_SP = dict(
+    bos_token="<s>",
+    eos_token="</s>",
+    pad_token="<unk>",
+    stop_tokens=("</s>",),
+    tokenizer_kind="sentencepiece",
+)
 _REAL = [
     # LLaMA-1 7B: no chat model of its own; LLaVA trained it with the Vicuna v1 template.
     Backbone(
-        name="llama1", family="llama", hf_id="huggyllama/llama-7b", vocab_size=32000, hidden_size=4096,
-        intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        rope_theta=10000.0, max_position_embeddings=2048, rope_scaling=None, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, chat_template="vicuna_v1", tiny=False, tiny_twin="llama1-tiny", **_SP,
+        name="llama1",
+        family="llama",
+        hf_id="huggyllama/llama-7b",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        rope_scaling=None,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        chat_template="vicuna_v1",
+        tiny=False,
+        tiny_twin="llama1-tiny",
+        **_SP,
     ),
     # LLaMA-2 7B base with LLaVA's conv_llava_llama_2 ([INST] <<SYS>> ...) template.
     Backbone(
-        name="llama2", family="llama", hf_id="meta-llama/Llama-2-7b-hf", vocab_size=32000, hidden_size=4096,
-        intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        rope_theta=10000.0, max_position_embeddings=4096, rope_scaling=None, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, chat_template="llama_2", tiny=False, tiny_twin="llama2-tiny", **_SP,
+        name="llama2",
+        family="llama",
+        hf_id="meta-llama/Llama-2-7b-hf",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        rope_scaling=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        chat_template="llama_2",
+        tiny=False,
+        tiny_twin="llama2-tiny",
+        **_SP,
     ),
     # Vicuna v1.5 7B (LLaMA-2 fine-tune): LLaVA-1.5's default LLM and template.
     Backbone(
-        name="vicuna", family="llama", hf_id="lmsys/vicuna-7b-v1.5", vocab_size=32000, hidden_size=4096,
-        intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        rope_theta=10000.0, max_position_embeddings=4096, rope_scaling=None, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, chat_template="vicuna_v1", tiny=False, tiny_twin="vicuna-tiny", **_SP,
+        name="vicuna",
+        family="llama",
+        hf_id="lmsys/vicuna-7b-v1.5",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        rope_scaling=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        chat_template="vicuna_v1",
+        tiny=False,
+        tiny_twin="vicuna-tiny",
+        **_SP,
     ),
     Backbone(
-        name="llama3", family="llama", hf_id="meta-llama/Meta-Llama-3-8B-Instruct", vocab_size=128256,
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192, rope_scaling=None,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, chat_template="llama_3", bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>", pad_token="<|reserved_special_token_2|>",
-        stop_tokens=("<|eot_id|>", "<|end_of_text|>"), tiny=False, tiny_twin="llama3-tiny", tokenizer_kind="llama3",
+        name="llama3",
+        family="llama",
+        hf_id="meta-llama/Meta-Llama-3-8B-Instruct",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        rope_scaling=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        chat_template="llama_3",
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|reserved_special_token_2|>",
+        stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
+        tiny=False,
+        tiny_twin="llama3-tiny",
+        tokenizer_kind="llama3",
     ),
     Backbone(
-        name="llama3.1", family="llama", hf_id="meta-llama/Llama-3.1-8B-Instruct", vocab_size=128256,
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072,
-        rope_scaling=dict(_LLAMA31_ROPE), rms_norm_eps=1e-5, tie_word_embeddings=False, chat_template="llama_3",
-        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
-        stop_tokens=("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"), tiny=False, tiny_twin="llama3.1-tiny",
+        name="llama3.1",
+        family="llama",
+        hf_id="meta-llama/Llama-3.1-8B-Instruct",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling=dict(_LLAMA31_ROPE),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        chat_template="llama_3",
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        stop_tokens=("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"),
+        tiny=False,
+        tiny_twin="llama3.1-tiny",
         tokenizer_kind="llama3.1",
     ),
     # Mistral 7B Instruct v0.2: LLaMA-2 tokenizer layout, GQA 32/8, RoPE 1e6, no sliding window.
     Backbone(
-        name="mistral", family="mistral", hf_id="mistralai/Mistral-7B-Instruct-v0.2", vocab_size=32000,
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, rope_theta=1000000.0, max_position_embeddings=32768, rope_scaling=None,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, chat_template="mistral", tiny=False,
-        tiny_twin="mistral-tiny", **_SP,
+        name="mistral",
+        family="mistral",
+        hf_id="mistralai/Mistral-7B-Instruct-v0.2",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        rope_scaling=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        chat_template="mistral",
+        tiny=False,
+        tiny_twin="mistral-tiny",
+        **_SP,
     ),
     # Qwen2 7B Instruct: ChatML, no BOS, GQA 28/4, RoPE 1e6, q/k/v biases (Qwen2Config's own).
     Backbone(
-        name="qwen2", family="qwen2", hf_id="Qwen/Qwen2-7B-Instruct", vocab_size=152064, hidden_size=3584,
-        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        rope_theta=1000000.0, max_position_embeddings=32768, rope_scaling=None, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, chat_template="chatml", bos_token=None, eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", stop_tokens=("<|im_end|>", "<|endoftext|>"), tiny=False,
-        tiny_twin="qwen2-tiny", tokenizer_kind="qwen2",
+        name="qwen2",
+        family="qwen2",
+        hf_id="Qwen/Qwen2-7B-Instruct",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        rope_scaling=None,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        chat_template="chatml",
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        stop_tokens=("<|im_end|>", "<|endoftext|>"),
+        tiny=False,
+        tiny_twin="qwen2-tiny",
+        tokenizer_kind="qwen2",
     ),
 ]
 

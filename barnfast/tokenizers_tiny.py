@@ -79,16 +79,33 @@ def _corpus() -> list[str]:
 def _llama3_specials(v31: bool) -> list[str]:
     """The 256 special tokens of Llama 3 (``v31=False``) or Llama 3.1/3.2 (``True``), in id order."""
     if v31:
-        named = {2: "<|reserved_special_token_0|>", 3: "<|reserved_special_token_1|>", 4: "<|finetune_right_pad_id|>",
-                 5: "<|reserved_special_token_2|>", 8: "<|eom_id|>", 10: "<|python_tag|>"}
+        named = {
+            2: "<|reserved_special_token_0|>",
+            3: "<|reserved_special_token_1|>",
+            4: "<|finetune_right_pad_id|>",
+            5: "<|reserved_special_token_2|>",
+            8: "<|eom_id|>",
+            10: "<|python_tag|>",
+        }
         first_free_reserved = 3
     else:
-        named = {2: "<|reserved_special_token_0|>", 3: "<|reserved_special_token_1|>",
-                 4: "<|reserved_special_token_2|>", 5: "<|reserved_special_token_3|>",
-                 8: "<|reserved_special_token_4|>"}
+        named = {
+            2: "<|reserved_special_token_0|>",
+            3: "<|reserved_special_token_1|>",
+            4: "<|reserved_special_token_2|>",
+            5: "<|reserved_special_token_3|>",
+            8: "<|reserved_special_token_4|>",
+        }
         first_free_reserved = 5
-    named.update({0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
-                  7: "<|end_header_id|>", 9: "<|eot_id|>"})
+    named.update(
+        {
+            0: "<|begin_of_text|>",
+            1: "<|end_of_text|>",
+            6: "<|start_header_id|>",
+            7: "<|end_header_id|>",
+            9: "<|eot_id|>",
+        }
+    )
     out, r = [], first_free_reserved
     for i in range(256):
         if i in named:
@@ -106,7 +123,8 @@ def _sentencepiece_json(vocab_size: int) -> str:
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
     trainer_tok.pre_tokenizer = meta
     trainer_tok.train_from_iterator(
-        _corpus(), BpeTrainer(vocab_size=_TRAIN_VOCAB, min_frequency=2, special_tokens=[], show_progress=False)
+        _corpus(),
+        BpeTrainer(vocab_size=_TRAIN_VOCAB, min_frequency=2, special_tokens=[], show_progress=False),
     )
     trained = json.loads(trainer_tok.to_str())["model"]
     vocab: dict[str, int] = {}
@@ -115,7 +133,9 @@ def _sentencepiece_json(vocab_size: int) -> str:
     for i in range(vocab_size - len(vocab)):
         vocab[f"<filler_{i}>"] = len(vocab)
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
     tok.normalizer = None
     tok.pre_tokenizer = meta
     tok.decoder = decoders.Sequence(
@@ -132,15 +152,21 @@ def _sentencepiece_json(vocab_size: int) -> str:
 
 def _byte_level_json(pattern: str, n_ordinary: int, specials: list[str], bos: str | None) -> str:
     pre = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
     )
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre
     trainer_tok.train_from_iterator(
         _corpus(),
-        BpeTrainer(vocab_size=_TRAIN_VOCAB, min_frequency=2, show_progress=False,
-                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        BpeTrainer(
+            vocab_size=_TRAIN_VOCAB,
+            min_frequency=2,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
     )
     trained = json.loads(trainer_tok.to_str())["model"]
     vocab = dict(sorted(trained["vocab"].items(), key=lambda kv: kv[1]))
@@ -166,14 +192,18 @@ def _byte_level_json(pattern: str, n_ordinary: int, specials: list[str], bos: st
 # kind -> (builder, special-token roles for the transformers wrapper)
 _KINDS = {
     "sentencepiece": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"),
-    "llama3": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|reserved_special_token_2|>"),
-    "llama3.1": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"),
+    "llama3": dict(
+        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|reserved_special_token_2|>"
+    ),
+    "llama3.1": dict(
+        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
+    ),
     "qwen2": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
 }
 KINDS = tuple(_KINDS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(kind: str) -> Tokenizer:
     """The cached ``tokenizers.Tokenizer``; never handed out (the wrapper deep-copies it)."""
     return Tokenizer.from_str(_tokenizer_json(kind))
@@ -183,7 +213,9 @@ def _tokenizer_json(kind: str) -> str:
     if kind == "sentencepiece":
         return _sentencepiece_json(32000)
     if kind in ("llama3", "llama3.1"):
-        return _byte_level_json(LLAMA3_PATTERN, 128000, _llama3_specials(kind == "llama3.1"), "<|begin_of_text|>")
+        return _byte_level_json(
+            LLAMA3_PATTERN, 128000, _llama3_specials(kind == "llama3.1"), "<|begin_of_text|>"
+        )
     if kind == "qwen2":
         return _byte_level_json(QWEN2_PATTERN, 151643, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None)
     raise ValueError(f"unknown tiny tokenizer kind {kind!r}; known: {', '.join(KINDS)}")
