@@ -52,19 +52,22 @@ CASES = {
     "llama_3": (
         "llama3-tiny",
         f"{H3.format('system')}{LLAVA_SYS}<|eot_id|>{H3.format('user')}<image>\nWhat colour is the shape?"
-        f"<|eot_id|>{H3.format('assistant')}Red<|eot_id|>{H3.format('user')}How many shapes are there?<|eot_id|>"
+        f"<|eot_id|>{H3.format('assistant')}Red<|eot_id|>"
+        f"{H3.format('user')}How many shapes are there?<|eot_id|>"
         f"{H3.format('assistant')}Two<|eot_id|>",
         ["Red<|eot_id|>", "Two<|eot_id|>"],
     ),
     "mistral": (
         "mistral-tiny",
-        "[INST] <image>\nWhat colour is the shape? [/INST] Red</s>[INST] How many shapes are there? [/INST] Two</s>",
+        "[INST] <image>\nWhat colour is the shape? [/INST] Red</s>"
+        "[INST] How many shapes are there? [/INST] Two</s>",
         [" Red</s>", " Two</s>"],
     ),
     "chatml": (
         "qwen2-tiny",
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n<image>\nWhat colour is the shape?<|im_end|>\n<|im_start|>assistant\nRed<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat colour is the shape?<|im_end|>\n"
+        "<|im_start|>assistant\nRed<|im_end|>\n"
         "<|im_start|>user\nHow many shapes are there?<|im_end|>\n<|im_start|>assistant\nTwo<|im_end|>\n",
         ["Red<|im_end|>", "Two<|im_end|>"],
     ),
