@@ -52,10 +52,19 @@ def _round_bf16_rne(x):
 
 @triton.jit
 def _merge_visual_text_fwd_kernel(
-    ids_ptr, vis_idx_ptr, embed_ptr, visual_ptr, out_ptr,
-    T, H, image_token_id,
-    stride_e, stride_v, stride_o,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    ids_ptr,
+    vis_idx_ptr,
+    embed_ptr,
+    visual_ptr,
+    out_ptr,
+    T,
+    H,
+    image_token_id,
+    stride_e,
+    stride_v,
+    stride_o,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """out[t, h] = visual[vis_idx[t], h] if ids[t] == image_token_id else embed[ids[t], h]."""
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -73,10 +82,23 @@ def _merge_visual_text_fwd_kernel(
 
 @triton.jit
 def _merge_visual_text_bwd_kernel(
-    keys_ptr, perm_ptr, run_end_ptr, vis_idx_ptr, grad_out_ptr, grad_embed_ptr, grad_visual_ptr,
-    T, H, V,
-    stride_g, stride_ge, stride_gv,
-    NEED_EMBED: tl.constexpr, NEED_VISUAL: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_H: tl.constexpr,
+    keys_ptr,
+    perm_ptr,
+    run_end_ptr,
+    vis_idx_ptr,
+    grad_out_ptr,
+    grad_embed_ptr,
+    grad_visual_ptr,
+    T,
+    H,
+    V,
+    stride_g,
+    stride_ge,
+    stride_gv,
+    NEED_EMBED: tl.constexpr,
+    NEED_VISUAL: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Program i owns sorted position i: keys[i] = V marks a placeholder (copy its row to grad_visual);
     otherwise the first position of a run of equal ids sums grad_out over the run into grad_embed[id].
@@ -102,7 +124,11 @@ def _merge_visual_text_bwd_kernel(
                     acc += tl.load(grad_out_ptr + t * stride_g + rh, mask=mask_h, other=0.0).to(tl.float32)
                 if INTERPRET_BF16:
                     acc = _round_bf16_rne(acc)
-                tl.store(grad_embed_ptr + key * stride_ge + rh, acc.to(grad_embed_ptr.dtype.element_ty), mask=mask_h)
+                tl.store(
+                    grad_embed_ptr + key * stride_ge + rh,
+                    acc.to(grad_embed_ptr.dtype.element_ty),
+                    mask=mask_h,
+                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,15 +150,32 @@ def _merge_fwd(input_ids, embed_weight, visual, image_token_id: int) -> torch.Te
     visual = visual if visual.stride(1) == 1 else visual.contiguous()
     grid = (triton.cdiv(T, FWD_BLOCK_T), triton.cdiv(H, BLOCK_H))
     _merge_visual_text_fwd_kernel[grid](
-        input_ids, _visual_index(input_ids, image_token_id), embed_weight, visual, out,
-        T, H, image_token_id, embed_weight.stride(0), visual.stride(0), out.stride(0),
-        BLOCK_T=FWD_BLOCK_T, BLOCK_H=BLOCK_H,
+        input_ids,
+        _visual_index(input_ids, image_token_id),
+        embed_weight,
+        visual,
+        out,
+        T,
+        H,
+        image_token_id,
+        embed_weight.stride(0),
+        visual.stride(0),
+        out.stride(0),
+        BLOCK_T=FWD_BLOCK_T,
+        BLOCK_H=BLOCK_H,
     )
     return out
 
 
-def _merge_bwd(grad_out, input_ids, image_token_id: int, num_embeddings: int, num_visual: int,
-               need_embed: bool, need_visual: bool):
+def _merge_bwd(
+    grad_out,
+    input_ids,
+    image_token_id: int,
+    num_embeddings: int,
+    num_visual: int,
+    need_embed: bool,
+    need_visual: bool,
+):
     """(grad_embed (V, H) or None, grad_visual (M, H) or None)."""
     T, H = grad_out.shape
     grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
@@ -150,12 +193,23 @@ def _merge_bwd(grad_out, input_ids, image_token_id: int, num_embeddings: int, nu
         run_end = keys  # not read
     grid = (T, triton.cdiv(H, BLOCK_H))
     _merge_visual_text_bwd_kernel[grid](
-        keys, perm, run_end, _visual_index(input_ids, image_token_id), grad_out,
-        grad_embed if need_embed else grad_out, grad_visual if need_visual else grad_out,
-        T, H, num_embeddings,
-        grad_out.stride(0), grad_embed.stride(0) if need_embed else 0, grad_visual.stride(0) if need_visual else 0,
-        NEED_EMBED=need_embed, NEED_VISUAL=need_visual,
-        INTERPRET_BF16=triton_interpreted() and grad_out.dtype == torch.bfloat16, BLOCK_H=BLOCK_H,
+        keys,
+        perm,
+        run_end,
+        _visual_index(input_ids, image_token_id),
+        grad_out,
+        grad_embed if need_embed else grad_out,
+        grad_visual if need_visual else grad_out,
+        T,
+        H,
+        num_embeddings,
+        grad_out.stride(0),
+        grad_embed.stride(0) if need_embed else 0,
+        grad_visual.stride(0) if need_visual else 0,
+        NEED_EMBED=need_embed,
+        NEED_VISUAL=need_visual,
+        INTERPRET_BF16=triton_interpreted() and grad_out.dtype == torch.bfloat16,
+        BLOCK_H=BLOCK_H,
     )
     return grad_embed, grad_visual
 
@@ -179,11 +233,18 @@ def _(input_ids, embed_weight, visual, image_token_id):
 
 @torch.library.custom_op("barnfast::merge_visual_text_backward", mutates_args=())
 def _merge_visual_text_backward_op(
-    grad_out: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, num_embeddings: int, num_visual: int,
-    need_embed: bool, need_visual: bool,
+    grad_out: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    num_embeddings: int,
+    num_visual: int,
+    need_embed: bool,
+    need_visual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_embed (V, H), grad_visual (M, H)); one not needed comes back as an empty (0,) tensor."""
-    ge, gv = _merge_bwd(grad_out, input_ids, image_token_id, num_embeddings, num_visual, need_embed, need_visual)
+    ge, gv = _merge_bwd(
+        grad_out, input_ids, image_token_id, num_embeddings, num_visual, need_embed, need_visual
+    )
     empty = grad_out.new_empty(0)
     return (ge if ge is not None else empty), (gv if gv is not None else empty)
 
@@ -191,8 +252,10 @@ def _merge_visual_text_backward_op(
 @_merge_visual_text_backward_op.register_fake
 def _(grad_out, input_ids, image_token_id, num_embeddings, num_visual, need_embed, need_visual):
     H = grad_out.shape[1]
-    return (grad_out.new_empty((num_embeddings, H)) if need_embed else grad_out.new_empty(0),
-            grad_out.new_empty((num_visual, H)) if need_visual else grad_out.new_empty(0))
+    return (
+        grad_out.new_empty((num_embeddings, H)) if need_embed else grad_out.new_empty(0),
+        grad_out.new_empty((num_visual, H)) if need_visual else grad_out.new_empty(0),
+    )
 
 
 def _merge_setup_context(ctx, inputs, output):
@@ -206,8 +269,9 @@ def _merge_setup_context(ctx, inputs, output):
 def _merge_backward(ctx, grad_out):
     (input_ids,) = ctx.saved_tensors
     need_embed, need_visual = bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])
-    ge, gv = _merge_visual_text_backward_op(grad_out, input_ids, ctx.image_token_id, ctx.num_embeddings,
-                                            ctx.num_visual, need_embed, need_visual)
+    ge, gv = _merge_visual_text_backward_op(
+        grad_out, input_ids, ctx.image_token_id, ctx.num_embeddings, ctx.num_visual, need_embed, need_visual
+    )
     return None, (ge if need_embed else None), (gv if need_visual else None), None
 
 
@@ -250,17 +314,28 @@ def merge_visual_text(
     (visual is cast to it). Ids are not range-checked (that would be a second sync).
     """
     if input_ids.dim() != 1 or embed_weight.dim() != 2 or visual.dim() != 2:
-        raise ValueError(f"merge_visual_text: expected input_ids (T,), embed_weight (V, H), visual (M, H); got "
-                         f"{tuple(input_ids.shape)}, {tuple(embed_weight.shape)}, {tuple(visual.shape)}")
+        raise ValueError(
+            f"merge_visual_text: expected input_ids (T,), embed_weight (V, H), visual (M, H); got "
+            f"{tuple(input_ids.shape)}, {tuple(embed_weight.shape)}, {tuple(visual.shape)}"
+        )
     if visual.shape[1] != embed_weight.shape[1]:
-        raise ValueError(f"merge_visual_text: visual has H={visual.shape[1]}, embed_weight has H={embed_weight.shape[1]}")
+        raise ValueError(
+            f"merge_visual_text: visual has H={visual.shape[1]}, embed_weight has H={embed_weight.shape[1]}"
+        )
     if not 0 <= image_token_id < embed_weight.shape[0]:
-        raise ValueError(f"merge_visual_text: image_token_id={image_token_id} is outside the table (V={embed_weight.shape[0]})")
+        raise ValueError(
+            f"merge_visual_text: image_token_id={image_token_id} is outside the table "
+            f"(V={embed_weight.shape[0]})"
+        )
     if num_image_tokens is None:
         num_image_tokens = int((input_ids == image_token_id).sum().item())
     if num_image_tokens != visual.shape[0]:
-        raise ValueError(f"merge_visual_text: {visual.shape[0]} visual rows but {num_image_tokens} placeholder "
-                         f"tokens (id {image_token_id}) in input_ids; they must be equal")
+        raise ValueError(
+            f"merge_visual_text: {visual.shape[0]} visual rows but {num_image_tokens} placeholder "
+            f"tokens (id {image_token_id}) in input_ids; they must be equal"
+        )
     if resolve_backend(backend, input_ids, embed_weight, visual) == "torch":
         return merge_visual_text_ref(input_ids, embed_weight, visual, image_token_id)
-    return _merge_visual_text_op(input_ids.contiguous(), embed_weight, visual.to(embed_weight.dtype), image_token_id)
+    return _merge_visual_text_op(
+        input_ids.contiguous(), embed_weight, visual.to(embed_weight.dtype), image_token_id
+    )

@@ -113,9 +113,24 @@ def _round_bf16_rne(x):
 @triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
 @triton.jit
 def _projector_mlp_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, pre_ptr, rowsum_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    bias_ptr,
+    aux_ptr,
+    pre_ptr,
+    rowsum_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_xm,
+    stride_xn,
     HAS_BIAS: tl.constexpr,  # c += bias[n]
     EPILOGUE: tl.constexpr,  # 0: none, 1: store pre to pre_ptr then GELU, 2: c *= gelu'(aux[m, n])
     B_GELU: tl.constexpr,  # GELU applied to each loaded B tile (dw2 = dy.T @ gelu(h))
@@ -123,7 +138,10 @@ def _projector_mlp_matmul_kernel(
     APPROX_TANH: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,  # interpreter + bf16: its bf16 tl.dot is wrong and its downcast truncates
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs unless torch allows TF32
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """C (M, N) = epilogue(A (M, K) @ prologue(B (K, N))), fp32 accumulation; any strides (transposes)."""
     pid = tl.program_id(0)
@@ -171,15 +189,20 @@ def _projector_mlp_matmul_kernel(
         pre = acc
         if INTERPRET_BF16:
             pre = _round_bf16_rne(pre)
-        tl.store(pre_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
-                 pre.to(pre_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(
+            pre_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+            pre.to(pre_ptr.dtype.element_ty),
+            mask=mask_c,
+        )
         acc = _gelu(acc, APPROX_TANH)
     elif EPILOGUE == 2:
         z = tl.load(aux_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn, mask=mask_c, other=0.0)
         acc = acc * _gelu_grad(z.to(tl.float32), APPROX_TANH)
     if INTERPRET_BF16:
         acc = _round_bf16_rne(acc)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(
+        c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask_c
+    )
     if ROWSUM_A:
         if pid_n == 0:  # one column of programs owns the row sums; the others computed them for free
             tl.store(rowsum_ptr + rm, rowsum, mask=mask_m)
@@ -218,13 +241,30 @@ def _matmul(
     aux_t = aux if aux is not None else c
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _projector_mlp_matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, aux_t, pre if pre is not None else c,
+        a,
+        b,
+        c,
+        bias if bias is not None else c,
+        aux_t,
+        pre if pre is not None else c,
         sums if sums is not None else c,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        aux_t.stride(0), aux_t.stride(1),
-        HAS_BIAS=bias is not None, EPILOGUE=epilogue, B_GELU=b_gelu, ROWSUM_A=rowsum,
-        APPROX_TANH=approx_tanh, INTERPRET_BF16=triton_interpreted() and out_dtype == torch.bfloat16,
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        c.stride(1),
+        aux_t.stride(0),
+        aux_t.stride(1),
+        HAS_BIAS=bias is not None,
+        EPILOGUE=epilogue,
+        B_GELU=b_gelu,
+        ROWSUM_A=rowsum,
+        APPROX_TANH=approx_tanh,
+        INTERPRET_BF16=triton_interpreted() and out_dtype == torch.bfloat16,
         DOT_PRECISION=precision,
     )
     return c, pre, sums
@@ -242,7 +282,9 @@ def _projector_mlp_bwd(dy, x, w1, h, w2, approx_tanh: bool, needs: list[bool], b
     need_x, need_w1, need_b1, need_w2, need_b2 = needs
     dx = dw1 = db1 = dw2 = db2 = None
     if need_w2:
-        dw2, _, s = _matmul(dy.t(), h, b_gelu=True, rowsum=need_b2, approx_tanh=approx_tanh, out_dtype=w2.dtype)
+        dw2, _, s = _matmul(
+            dy.t(), h, b_gelu=True, rowsum=need_b2, approx_tanh=approx_tanh, out_dtype=w2.dtype
+        )
         db2 = s.to(b2_dtype) if need_b2 else None
     elif need_b2:
         db2 = dy.float().sum(0).to(b2_dtype)
@@ -265,8 +307,13 @@ def _projector_mlp_bwd(dy, x, w1, h, w2, approx_tanh: bool, needs: list[bool], b
 
 @torch.library.custom_op("barnfast::projector_mlp", mutates_args=())
 def _projector_mlp_op(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
-    approximate: str, save_pre: bool,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    approximate: str,
+    save_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (M, out), h (M, hidden) when save_pre else an empty (0,) tensor)."""
     return _projector_mlp_fwd(x, w1, b1, w2, b2, approximate == "tanh", save_pre)
@@ -280,8 +327,15 @@ def _(x, w1, b1, w2, b2, approximate, save_pre):
 
 @torch.library.custom_op("barnfast::projector_mlp_backward", mutates_args=())
 def _projector_mlp_backward_op(
-    dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, h: torch.Tensor, w2: torch.Tensor,
-    b1_like: torch.Tensor, b2_like: torch.Tensor, approximate: str, needs: list[bool],
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    b1_like: torch.Tensor,
+    b2_like: torch.Tensor,
+    approximate: str,
+    needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw1, db1, dw2, db2); a gradient not in ``needs`` comes back as an empty (0,) tensor.
 
@@ -293,7 +347,13 @@ def _projector_mlp_backward_op(
 
 @_projector_mlp_backward_op.register_fake
 def _(dy, x, w1, h, w2, b1_like, b2_like, approximate, needs):
-    shapes = [(x, x.shape), (w1, w1.shape), (b1_like, (w1.shape[0],)), (w2, w2.shape), (b2_like, (w2.shape[0],))]
+    shapes = [
+        (x, x.shape),
+        (w1, w1.shape),
+        (b1_like, (w1.shape[0],)),
+        (w2, w2.shape),
+        (b2_like, (w2.shape[0],)),
+    ]
     return tuple(t.new_empty(s) if need else dy.new_empty(0) for (t, s), need in zip(shapes, needs))
 
 
@@ -310,7 +370,9 @@ def _projector_backward(ctx, dy, _dh):
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     b1_like = x.new_empty(0, dtype=ctx.b1_dtype or x.dtype)
     b2_like = x.new_empty(0, dtype=ctx.b2_dtype or x.dtype)
-    grads = _projector_mlp_backward_op(dy.contiguous(), x, w1, h, w2, b1_like, b2_like, ctx.approximate, needs)
+    grads = _projector_mlp_backward_op(
+        dy.contiguous(), x, w1, h, w2, b1_like, b2_like, ctx.approximate, needs
+    )
     return *(g if need else None for g, need in zip(grads, needs)), None, None
 
 
@@ -323,7 +385,7 @@ _projector_mlp_op.register_autograd(_projector_backward, setup_context=_projecto
 
 
 def projector_mlp_ref(x, w1, b1, w2, b2, *, approximate: str = "none") -> torch.Tensor:
-    """PyTorch reference: ``F.linear(F.gelu(F.linear(x, w1, b1), approximate), w2, b2)``; x (..., in) -> (..., out)."""
+    """PyTorch reference, (..., in) -> (..., out): ``linear(gelu(linear(x, w1, b1), approximate), w2, b2)``"""
     return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
 
 
@@ -346,7 +408,8 @@ def projector_mlp(
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if w1.dim() != 2 or w2.dim() != 2 or x.shape[-1] != w1.shape[1] or w2.shape[1] != w1.shape[0]:
         raise ValueError(
-            f"projector_mlp: shapes do not chain: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}"
+            f"projector_mlp: shapes do not chain: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, "
+            f"w2 {tuple(w2.shape)}"
         )
     for name, b, n in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
         if b is not None and b.shape != (n,):
@@ -358,7 +421,9 @@ def projector_mlp(
     x2, w1, w2 = x.reshape(-1, x.shape[-1]).to(dtype), w1.to(dtype), w2.to(dtype)
     b1 = b1.to(dtype) if b1 is not None else None
     b2 = b2.to(dtype) if b2 is not None else None
-    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w1, b1, w2, b2))
+    save_pre = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2, w1, b1, w2, b2)
+    )
     y, _ = _projector_mlp_op(x2, w1, b1, w2, b2, approximate, save_pre)
     return y.reshape(*x.shape[:-1], w2.shape[0])
 
@@ -373,16 +438,23 @@ def rename_llava_mm_projector(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     out = {}
     for key, value in state_dict.items():
         name = key
-        for prefix in ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.", "multi_modal_projector."):
+        for prefix in (
+            "model.mm_projector.",
+            "mm_projector.",
+            "model.multi_modal_projector.",
+            "multi_modal_projector.",
+        ):
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
                 break
         if name.startswith("0."):
             name = "linear_1." + name[2:]
         elif name.startswith("2."):
             name = "linear_2." + name[2:]
         if not name.startswith(("linear_1.", "linear_2.")):
-            raise ValueError(f"rename_llava_mm_projector: {key!r} is not a key of a 2-layer mlp2x_gelu projector")
+            raise ValueError(
+                f"rename_llava_mm_projector: {key!r} is not a key of a 2-layer mlp2x_gelu projector"
+            )
         out[name] = value
     return out
 
@@ -395,8 +467,17 @@ class ProjectorMLP(torch.nn.Module):
     ``rename_llava_mm_projector`` or ``ProjectorMLP.from_llava_mm_projector``.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool = True,
-                 approximate: str = "none", backend: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        bias: bool = True,
+        approximate: str = "none",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -406,8 +487,15 @@ class ProjectorMLP(torch.nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return projector_mlp(x, self.linear_1.weight, self.linear_1.bias, self.linear_2.weight, self.linear_2.bias,
-                             approximate=self.approximate, backend=self.backend)
+        return projector_mlp(
+            x,
+            self.linear_1.weight,
+            self.linear_1.bias,
+            self.linear_2.weight,
+            self.linear_2.bias,
+            approximate=self.approximate,
+            backend=self.backend,
+        )
 
     @classmethod
     def from_llava_mm_projector(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> ProjectorMLP:

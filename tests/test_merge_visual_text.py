@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from barnfast.kernels import merge_visual_text, merge_visual_text_ref
+
 from tests.utils import assert_close_to_ref
 
 V = 97  # vocabulary: not a multiple of any block
@@ -69,7 +69,9 @@ def _check(hidden, dtype, backend, need_embed=True, need_visual=True, with_image
     else:
         assert gv is None
     if need_embed:
-        lowp = _run(ref, ids, embed, visual, dy, need_embed, need_visual)[1] if dtype != torch.float32 else None
+        lowp = (
+            _run(ref, ids, embed, visual, dy, need_embed, need_visual)[1] if dtype != torch.float32 else None
+        )
         assert_close_to_ref("grad_embed", ge, ge32, lowp, atol=1e-6)
         assert ge.dtype == dtype
         assert (ge[IMAGE_TOKEN_ID] == 0).all(), "the placeholder row must get no gradient"
@@ -84,7 +86,9 @@ def test_merge_matches_reference(hidden, dtype, backend):
     _check(hidden, dtype, backend)
 
 
-@pytest.mark.parametrize("need_embed,need_visual", [(False, True), (True, False)], ids=["frozen_llm", "frozen_visual"])
+@pytest.mark.parametrize(
+    "need_embed,need_visual", [(False, True), (True, False)], ids=["frozen_llm", "frozen_visual"]
+)
 def test_merge_skips_unneeded_grads(need_embed, need_visual):
     _check(HIDDEN["odd"], torch.float32, "triton", need_embed=need_embed, need_visual=need_visual)
 
@@ -124,11 +128,17 @@ def test_merge_custom_op_registration():
     embed[IMAGE_TOKEN_ID] = 0.0  # opcheck compares outputs with allclose, which NaN would fail spuriously
     embed.requires_grad_()
     visual.requires_grad_()
-    torch.library.opcheck(torch.ops.barnfast.merge_visual_text.default, (ids, embed, visual, IMAGE_TOKEN_ID),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.barnfast.merge_visual_text.default,
+        (ids, embed, visual, IMAGE_TOKEN_ID),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     compiled = torch.compile(
-        lambda i, e, v: merge_visual_text(i, e, v, IMAGE_TOKEN_ID, backend="triton", num_image_tokens=v.shape[0]),
-        backend="aot_eager", fullgraph=True,
+        lambda i, e, v: merge_visual_text(
+            i, e, v, IMAGE_TOKEN_ID, backend="triton", num_image_tokens=v.shape[0]
+        ),
+        backend="aot_eager",
+        fullgraph=True,
     )
     out = compiled(ids, embed, visual)
     out.sum().backward()

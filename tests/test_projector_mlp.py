@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from barnfast.kernels import ProjectorMLP, projector_mlp, projector_mlp_ref, rename_llava_mm_projector
+
 from tests.utils import assert_close_to_ref
 
 SHAPES = {
@@ -33,7 +33,7 @@ def _inputs(shape, dtype, bias=True):
 
 
 def _run(fn, tensors, dy, requires):
-    """Output and the input grads of ``(fn(*tensors) * dy).sum()``; ``requires`` marks which tensors want grads."""
+    """Output and input grads of ``(fn(*tensors) * dy).sum()``; ``requires``: which tensors want grads."""
     ts = [t.detach().clone().requires_grad_(r) if t is not None else None for t, r in zip(tensors, requires)]
     y = fn(*ts)
     y.backward(dy.to(y.dtype))
@@ -75,9 +75,11 @@ def test_projector_mlp_no_bias():
 
 @pytest.mark.parametrize(
     "requires",
-    [(False, True, True, True, True),  # frozen vision features (the usual case)
-     (True, False, False, True, True),  # frozen linear_1
-     (False, False, False, True, False)],  # only w2: db2 is skipped
+    [
+        (False, True, True, True, True),  # frozen vision features (the usual case)
+        (True, False, False, True, True),  # frozen linear_1
+        (False, False, False, True, False),
+    ],  # only w2: db2 is skipped
     ids=["no_dx", "frozen_linear1", "only_w2"],
 )
 def test_projector_mlp_partial_grads(requires):
@@ -92,12 +94,16 @@ def test_projector_mlp_does_not_keep_pre_activation_without_grad():
 
 
 def test_projector_mlp_custom_op_registration():
-    """Fake impls, schema and autograd registration agree with the real kernels (what torch.compile relies on)."""
+    """Fake impls, schema and autograd registration agree with the kernels (torch.compile relies on them)."""
     x, w1, b1, w2, b2 = [t.requires_grad_() for t in _inputs(SHAPES["friendly"], torch.float32)]
-    torch.library.opcheck(torch.ops.barnfast.projector_mlp.default, (x.reshape(-1, x.shape[-1]), w1, b1, w2, b2,
-                                                                      "none", True),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    compiled = torch.compile(lambda *t: projector_mlp(*t, backend="triton"), backend="aot_eager", fullgraph=True)
+    torch.library.opcheck(
+        torch.ops.barnfast.projector_mlp.default,
+        (x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, "none", True),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    compiled = torch.compile(
+        lambda *t: projector_mlp(*t, backend="triton"), backend="aot_eager", fullgraph=True
+    )
     y = compiled(x, w1, b1, w2, b2)
     y.sum().backward()
     assert_close_to_ref("compiled y", y, projector_mlp_ref(x, w1, b1, w2, b2), atol=ATOL[torch.float32])
@@ -117,11 +123,18 @@ def _hf_projector(n_in, hidden, bias=True):
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=n_in, intermediate_size=2 * n_in, num_hidden_layers=1,
-                                       num_attention_heads=1),
-        text_config=LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                                num_attention_heads=1, vocab_size=64),
-        projector_hidden_act="gelu", multimodal_projector_bias=bias,
+        vision_config=CLIPVisionConfig(
+            hidden_size=n_in, intermediate_size=2 * n_in, num_hidden_layers=1, num_attention_heads=1
+        ),
+        text_config=LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            vocab_size=64,
+        ),
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=bias,
     )
     return LlavaMultiModalProjector(config)
 
@@ -139,7 +152,10 @@ def test_projector_module_loads_hf_llava_projector(backend):
 def test_rename_llava_mm_projector():
     hf = _hf_projector(64, 96)
     sd = hf.state_dict()
-    llava = {"model.mm_projector." + k.replace("linear_1.", "0.").replace("linear_2.", "2."): v for k, v in sd.items()}
+    llava = {
+        "model.mm_projector." + k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
+        for k, v in sd.items()
+    }
     renamed = rename_llava_mm_projector(llava)
     assert set(renamed) == set(sd) and all(renamed[k] is sd[k] for k in sd)
     plain = {k.replace("linear_1.", "0.").replace("linear_2.", "2."): v for k, v in sd.items()}
