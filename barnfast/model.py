@@ -182,7 +182,6 @@ def build_model(backbone, vision: VisionTower, *, model_path: str | None = None,
     vocab = max(len(tokenizer), lm.get_input_embeddings().weight.shape[0])
     m = pad_vocab_to_multiple_of
     _resize_vocab(lm, (vocab + m - 1) // m * m)
-    lm.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
     tower = vision.load(vision_path, dtype=dtype, seed=seed)
     config = LlavaConfig(
         vision_config=tower.config,
@@ -199,6 +198,11 @@ def build_model(backbone, vision: VisionTower, *, model_path: str | None = None,
     hf.model.vision_tower = tower
     hf.model.language_model = lm.model
     hf.lm_head = lm.lm_head
+    # After LlavaForConditionalGeneration's construction, which resets its text config's attention
+    # implementation (that config object is shared with the decoder layers).
+    lm.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    if lm.model.layers[0].self_attn.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
+        raise RuntimeError("packed attention was not installed in the decoder layers")
     H = lm.config.hidden_size
     g = torch.random.fork_rng()
     with g:
