@@ -29,6 +29,7 @@ from barnfast.kernels import ProjectorMLP, fused_linear_cross_entropy, merge_vis
 
 from . import attention
 from .batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from .liger import apply_liger_to_decoder
 from .vision import VisionTower, encode_images
 
 IMAGE_TOKEN = "<image>"
@@ -203,6 +204,7 @@ def build_model(backbone, vision: VisionTower, *, model_path: str | None = None,
     lm.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
     if lm.model.layers[0].self_attn.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
         raise RuntimeError("packed attention was not installed in the decoder layers")
+    apply_liger_to_decoder(lm.model)  # CUDA only: Liger's RMSNorm/RoPE/SwiGLU into these instances; logs why not
     H = lm.config.hidden_size
     g = torch.random.fork_rng()
     with g:

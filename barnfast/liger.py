@@ -1,0 +1,159 @@
+"""Liger-Kernel's RMSNorm, RoPE and SwiGLU patched into one decoder's *instances* (CUDA only).
+
+What changes, per module instance of the given language model (nothing else in the process):
+
+- every ``*RMSNorm`` (``input_layernorm``, ``post_attention_layernorm``, the final ``norm``):
+  ``forward`` → ``LigerRMSNorm.forward`` (one Triton kernel, fp32 math, "llama" casting), with the
+  attributes it reads (``offset=0``, ``casting_mode``, ``in_place``, ...) set on the instance;
+- every ``mlp``: ``forward`` → ``LigerSwiGLUMLP.forward`` (``down(silu(gate(x)) * up(x))`` with the
+  SiLU-multiply fused; the same ``gate_proj``/``up_proj``/``down_proj`` Linears);
+- every ``self_attn``: ``forward`` → the *same code* as its class's forward, compiled against a copy
+  of its module's globals where ``apply_rotary_pos_emb`` is ``liger_rotary_pos_emb``. Liger's own
+  ``apply_liger_kernel_to_llama(model=...)`` swaps the module-level function instead, which changes
+  every Llama in the process; this keeps the swap to this model's layers.
+
+Each patched forward sends CUDA inputs to the kernel and anything else to the class's own forward
+(Triton kernels need CUDA; a CUDA machine still runs CPU tests on models ``build_model`` patched).
+Bound methods live in each instance's ``__dict__``: no module is replaced, so parameter names and
+``state_dict`` keys are unchanged and checkpoints load as before; the patch is independent of the
+device, so a model built on CPU and moved to CUDA afterwards runs the kernels; :func:`revert_liger`
+deletes the bound methods again. Liger's cross-entropy and fused linear cross-entropy are *not*
+applied: barnfast computes its loss with ``barnfast.kernels.fused_linear_cross_entropy`` from the
+final hidden states and never calls the Hugging Face ``*ForCausalLM.forward``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import optional
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+_PATCHED = "_barnfast_liger"  # instance attribute on the language model: the kernels it was patched with
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+@dataclass(frozen=True)
+class DecoderKernels:
+    """What to put into a decoder. Tests pass pure-PyTorch twins to check the mechanism on CPU."""
+
+    name: str
+    rms_norm_forward: Callable
+    """Unbound ``forward(self, hidden_states)`` for an RMSNorm instance."""
+    rms_norm_attrs: dict
+    """Attributes ``rms_norm_forward`` reads from the instance (besides ``weight``, ``variance_epsilon``)."""
+    mlp_forward: Callable
+    """Unbound ``forward(self, x)`` for a gated MLP with ``gate_proj``/``up_proj``/``down_proj``."""
+    rotary_fn: Callable
+    """Drop-in for transformers' ``apply_rotary_pos_emb(q, k, cos, sin)``."""
+    applies_to: Callable[[torch.Tensor], bool] = _on_cuda
+    """Whether the kernels take this input; otherwise the class's own forward runs (CPU tensors:
+    a CUDA machine also runs CPU-only tests on models that build_model patched)."""
+
+
+def liger_kernels() -> DecoderKernels:
+    """Liger's RMSNorm / SwiGLU / RoPE modules and function, as Liger patches instances with them."""
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    return DecoderKernels(
+        name="liger",
+        rms_norm_forward=LigerRMSNorm.forward,
+        # Llama, Mistral and Qwen2: no weight offset, Llama casting (fp32 norm, cast to the input dtype
+        # before the weight multiply), as Liger's _patch_rms_norm_module sets for them.
+        rms_norm_attrs=dict(offset=0.0, casting_mode="llama", in_place=True, row_mode=None, impl=None, mode=None),
+        mlp_forward=LigerSwiGLUMLP.forward,
+        rotary_fn=liger_rotary_pos_emb,
+    )
+
+
+def apply_liger_to_decoder(language_model: nn.Module, kernels: DecoderKernels | None = None) -> bool:
+    """Patch ``language_model`` (a ``LlamaModel`` / ``MistralModel`` / ``Qwen2Model``, i.e. the part
+    with ``.layers`` and ``.norm``) with Liger's kernels. Returns whether it patched; logs why not.
+
+    ``kernels`` overrides the Liger kernels (tests); when given, ``optional.HAS_LIGER`` is not asked.
+    """
+    family = getattr(getattr(language_model, "config", None), "model_type", None)
+    if kernels is None and not optional.HAS_LIGER:
+        logger.info("Liger kernels not applied: %s", optional.WHY_NOT.get("liger", "liger-kernel unavailable"))
+        return False
+    if family not in SUPPORTED_FAMILIES:
+        logger.info("Liger kernels not applied: model family %r is not one of %s", family, SUPPORTED_FAMILIES)
+        return False
+    if getattr(language_model, _PATCHED, None) is not None:
+        logger.info("Liger kernels already applied (%s)", getattr(language_model, _PATCHED))
+        return True
+    if getattr(language_model.config, "hidden_act", "silu") not in ("silu", "swish"):
+        logger.info("Liger kernels not applied: SwiGLU needs hidden_act silu, got %r", language_model.config.hidden_act)
+        return False
+    kernels = kernels or liger_kernels()
+    norms = [language_model.norm]
+    for layer in language_model.layers:
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        _bind_forward(layer.mlp, kernels.mlp_forward, kernels.applies_to)
+        _patch_rotary(layer.self_attn, kernels.rotary_fn, kernels.applies_to)
+    for norm in norms:
+        norm.__dict__.update(kernels.rms_norm_attrs)
+        _bind_forward(norm, kernels.rms_norm_forward, kernels.applies_to)
+    # A plain attribute, not a buffer: state_dict is untouched.
+    language_model.__dict__[_PATCHED] = kernels.name
+    logger.info("Liger kernels applied to %d %s decoder layers: RMSNorm, RoPE, SwiGLU", len(language_model.layers),
+                family)
+    return True
+
+
+def _bind_forward(module: nn.Module, kernel_forward: Callable, applies_to: Callable) -> None:
+    """``module.forward`` → ``kernel_forward`` on inputs ``applies_to`` accepts, the class's forward otherwise."""
+    cls_forward = type(module).forward
+
+    def forward(self, x, *args, **kwargs):
+        return (kernel_forward if applies_to(x) else cls_forward)(self, x, *args, **kwargs)
+
+    module.__dict__["forward"] = types.MethodType(forward, module)
+
+
+def _patch_rotary(attn: nn.Module, rotary_fn: Callable, applies_to: Callable) -> None:
+    """Bind to ``attn`` its class's forward, with ``apply_rotary_pos_emb`` resolved to ``rotary_fn``."""
+    cls_forward = type(attn).forward
+    module_globals = sys.modules[type(attn).__module__].__dict__
+    if "apply_rotary_pos_emb" not in cls_forward.__code__.co_names:
+        raise RuntimeError(f"{type(attn).__qualname__}.forward does not call apply_rotary_pos_emb; cannot patch RoPE")
+    original = module_globals["apply_rotary_pos_emb"]
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        return (rotary_fn if applies_to(q) else original)(q, k, cos, sin, *args, **kwargs)
+
+    new_globals = {**module_globals, "apply_rotary_pos_emb": apply_rotary_pos_emb}
+    fn = types.FunctionType(cls_forward.__code__, new_globals, cls_forward.__name__, cls_forward.__defaults__,
+                            cls_forward.__closure__)
+    fn.__kwdefaults__ = cls_forward.__kwdefaults__
+    attn.__dict__["forward"] = types.MethodType(fn, attn)
+
+
+def revert_liger(language_model: nn.Module) -> None:
+    """Undo :func:`apply_liger_to_decoder`: the class methods are visible again."""
+    if getattr(language_model, _PATCHED, None) is None:
+        return
+    norms = [language_model.norm]
+    for layer in language_model.layers:
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        layer.mlp.__dict__.pop("forward", None)
+        layer.self_attn.__dict__.pop("forward", None)
+    for norm in norms:
+        norm.__dict__.pop("forward", None)
+        for attr in ("offset", "casting_mode", "in_place", "row_mode", "impl", "mode"):
+            norm.__dict__.pop(attr, None)
+    del language_model.__dict__[_PATCHED]
