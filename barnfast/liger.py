@@ -110,8 +110,9 @@ def apply_liger_to_decoder(language_model: nn.Module, kernels: DecoderKernels | 
         _bind_forward(norm, kernels.rms_norm_forward, kernels.applies_to)
     # A plain attribute, not a buffer: state_dict is untouched.
     language_model.__dict__[_PATCHED] = kernels.name
-    logger.info("Liger kernels applied to %d %s decoder layers: RMSNorm, RoPE, SwiGLU", len(language_model.layers),
-                family)
+    logger.info(
+        "Liger kernels applied to %d %s decoder layers: RMSNorm, RoPE, SwiGLU", len(language_model.layers), family
+    )
     return True
 
 
@@ -137,8 +138,9 @@ def _patch_rotary(attn: nn.Module, rotary_fn: Callable, applies_to: Callable) ->
         return (rotary_fn if applies_to(q) else original)(q, k, cos, sin, *args, **kwargs)
 
     new_globals = {**module_globals, "apply_rotary_pos_emb": apply_rotary_pos_emb}
-    fn = types.FunctionType(cls_forward.__code__, new_globals, cls_forward.__name__, cls_forward.__defaults__,
-                            cls_forward.__closure__)
+    fn = types.FunctionType(
+        cls_forward.__code__, new_globals, cls_forward.__name__, cls_forward.__defaults__, cls_forward.__closure__
+    )
     fn.__kwdefaults__ = cls_forward.__kwdefaults__
     attn.__dict__["forward"] = types.MethodType(fn, attn)
 

@@ -35,12 +35,17 @@ def _twin_kernels(calls: dict) -> DecoderKernels:
         def wrapper(*args, **kwargs):
             calls[key] = calls.get(key, 0) + 1
             return fn(*args, **kwargs)
+
         return wrapper
 
-    return DecoderKernels(name="twin", rms_norm_forward=counted("norm", LlamaRMSNorm.forward),
-                          rms_norm_attrs=dict(offset=0.0, casting_mode="llama"),
-                          mlp_forward=counted("mlp", LlamaMLP.forward),
-                          rotary_fn=counted("rope", apply_rotary_pos_emb), applies_to=lambda t: True)
+    return DecoderKernels(
+        name="twin",
+        rms_norm_forward=counted("norm", LlamaRMSNorm.forward),
+        rms_norm_attrs=dict(offset=0.0, casting_mode="llama"),
+        mlp_forward=counted("mlp", LlamaMLP.forward),
+        rotary_fn=counted("rope", apply_rotary_pos_emb),
+        applies_to=lambda t: True,
+    )
 
 
 @pytest.mark.skipif(optional.HAS_LIGER, reason="checks the no-CUDA behaviour")
@@ -117,8 +122,9 @@ def test_cuda_liger_matches_unpatched(backbone):
     loss_ref, g_ref = _loss_and_grads(ref, batch)
 
     seen = []
-    h = lm.norm.register_forward_hook(lambda m, i, o: seen.append(o.grad_fn is not None and
-                                                                  "LigerRMSNorm" in type(o.grad_fn).__name__))
+    h = lm.norm.register_forward_hook(
+        lambda m, i, o: seen.append(o.grad_fn is not None and "LigerRMSNorm" in type(o.grad_fn).__name__)
+    )
     loss, g = _loss_and_grads(model, batch)
     h.remove()
     assert seen == [True], "the final norm did not run Liger's RMSNorm"
