@@ -2,51 +2,54 @@
 
 What it fuses. ``F.cross_entropy(hidden @ weight.T + bias, target)`` materialises the (N, V) logits, their
 log-softmax and, in backward, their gradient: at LLaMA-3's V = 128,256 that is 4 GiB of fp32 per tensor for an
-8k-token micro-batch. Here the tokens are split into chunks of C rows; for each chunk the (C, V) logits are computed,
-turned *in place* into d loss / d logits, and immediately consumed by the two gradient GEMMs:
+8k-token micro-batch. Here the tokens are split into chunks of C rows; for each chunk the (C, V) logits are
+computed, turned *in place* into d loss / d logits, and immediately consumed by the two gradient GEMMs:
 
     grad_hidden[chunk]  = dlogits @ weight                  # (C, H), written once
     grad_weight        += dlogits.T @ hidden[chunk]          # (V, H), ONE fp32 accumulator, addmm_ in place
     grad_bias          += dlogits.sum(0)                     # (V,)
 
-so the live memory is one (C, V) chunk instead of ~3 (N, V) tensors. Both backends chunk; they differ only in the
-step that turns a logits chunk into (loss, dlogits):
+so the live memory is one (C, V) chunk instead of ~3 (N, V) tensors. Both backends chunk; they differ only in
+the step that turns a logits chunk into (loss, dlogits):
 
 - ``torch``: in-place PyTorch ops on the chunk (CPU users and CI get the memory saving too).
-- ``triton``: ``_flce_ce_kernel``, one program per row, two sweeps over the vocabulary in ``BLOCK_V`` blocks: an
-  online max / sum-exp (plus the target logit and, for label smoothing, the row sum), then the softmax, the loss and
-  the logit gradient written in place over the logits buffer in the buffer's dtype (how Liger-Kernel does it).
+- ``triton``: ``_flce_ce_kernel``, one program per row, two sweeps over the vocabulary in ``BLOCK_V`` blocks:
+  an online max / sum-exp (plus the target logit and, for label smoothing, the row sum), then the softmax, the
+  loss and the logit gradient written in place over the logits buffer in the buffer's dtype (how Liger-Kernel
+  does it).
 
-Math (per row, logits z, softcap c, smoothing eps, target y): s = c * tanh(z / c) (or s = z), lse = logsumexp(s),
-loss = lse - (1 - eps) * s_y - eps / V * sum_j s_j, and d loss / d z_j = (softmax(s)_j - (1 - eps) [j = y] - eps / V)
-* (1 - tanh(z_j / c)^2). This is ``F.cross_entropy(..., label_smoothing=eps)`` exactly.
+Math (per row, logits z, softcap c, smoothing eps, target y): s = c * tanh(z / c) (or s = z), lse =
+logsumexp(s), loss = lse - (1 - eps) * s_y - eps / V * sum_j s_j, and d loss / d z_j = (softmax(s)_j - (1 -
+eps) [j = y] - eps / V) * (1 - tanh(z_j / c)^2). This is ``F.cross_entropy(..., label_smoothing=eps)``
+exactly.
 
 Decisions, and why:
-- Gradients are computed in the forward pass when an input requires grad (3 GEMMs in all instead of 4: the logits
-  GEMM is not redone in backward). For ``"mean"``/``"sum"`` the upstream gradient is a scalar and backward only
-  scales the saved gradients, in place. For ``"none"`` the upstream gradient is per token and enters *inside* the
-  sum over tokens of grad_weight, so it cannot be applied afterwards (the bug users report in Liger): forward then
-  computes only the losses (1 GEMM per chunk), and backward runs the chunked pass again with per-row scales equal to
-  the upstream gradient (3 GEMMs).
-- Ignored rows are dropped before any GEMM (one ``nonzero``, i.e. one host sync per call): in LLaVA batches most
-  positions are prompt or image tokens whose targets are ``ignore_index``, so their GEMMs are pure waste. It also
-  makes "every target ignored" a no-op (loss 0, zero gradients) instead of 0/0.
-- The mean normaliser is a device tensor (count of non-ignored targets, or ``num_target_tokens``), folded into the
-  per-row gradient scale inside the op, so a global normaliser on the device costs no extra sync; a normaliser of 0
-  (every target ignored) gives loss 0, not NaN.
-- grad_weight accumulates in fp32 (``addmm_`` into one (V, H) fp32 buffer; on CUDA bf16/fp16 operands go through
-  ``addmm(out_dtype=float32)``), then is cast once to the weight's dtype. This is what makes the low-precision error
-  match plain PyTorch's single GEMM; it costs V*H*4 bytes more than accumulating in bf16 (1 GiB more at LLaMA-3-8B
-  than Liger's default bf16 accumulator, whose per-chunk rounding is the price). There is never a per-chunk (V, H)
-  temporary (Liger's ``grad_weight += (...).float()``).
-- The loss is returned in fp32 whatever the input dtype (it is accumulated in fp32; a bf16 mean of ~2.3 keeps only
-  2-3 significant digits).
-- ``torch.library.custom_op("barnfast::fused_linear_cross_entropy")`` with ``register_fake`` and ``register_autograd``:
-  ``torch.compile`` traces it as one opaque node, without a graph break, and the normaliser is computed inside the op
-  from the real targets, so ignored targets give the right loss there too.
+- Gradients are computed in the forward pass when an input requires grad (3 GEMMs in all instead of 4: the
+  logits GEMM is not redone in backward). For ``"mean"``/``"sum"`` the upstream gradient is a scalar and
+  backward only scales the saved gradients, in place. For ``"none"`` the upstream gradient is per token and
+  enters *inside* the sum over tokens of grad_weight, so it cannot be applied afterwards (the bug users report
+  in Liger): forward then computes only the losses (1 GEMM per chunk), and backward runs the chunked pass
+  again with per-row scales equal to the upstream gradient (3 GEMMs).
+- Ignored rows are dropped before any GEMM (one ``nonzero``, i.e. one host sync per call): in LLaVA batches
+  most positions are prompt or image tokens whose targets are ``ignore_index``, so their GEMMs are pure waste.
+  It also makes "every target ignored" a no-op (loss 0, zero gradients) instead of 0/0.
+- The mean normaliser is a device tensor (count of non-ignored targets, or ``num_target_tokens``), folded into
+  the per-row gradient scale inside the op, so a global normaliser on the device costs no extra sync; a
+  normaliser of 0 (every target ignored) gives loss 0, not NaN.
+- grad_weight accumulates in fp32 (``addmm_`` into one (V, H) fp32 buffer; on CUDA bf16/fp16 operands go
+  through ``addmm(out_dtype=float32)``), then is cast once to the weight's dtype. This is what makes the
+  low-precision error match plain PyTorch's single GEMM; it costs V*H*4 bytes more than accumulating in bf16
+  (1 GiB more at LLaMA-3-8B than Liger's default bf16 accumulator, whose per-chunk rounding is the price).
+  There is never a per-chunk (V, H) temporary (Liger's ``grad_weight += (...).float()``).
+- The loss is returned in fp32 whatever the input dtype (it is accumulated in fp32; a bf16 mean of ~2.3 keeps
+  only 2-3 significant digits).
+- ``torch.library.custom_op("barnfast::fused_linear_cross_entropy")`` with ``register_fake`` and
+  ``register_autograd``: ``torch.compile`` traces it as one opaque node, without a graph break, and the
+  normaliser is computed inside the op from the real targets, so ignored targets give the right loss there
+  too.
 
-Shapes: hidden (N, H), weight (V, H), target (N,) int64, bias (V,) or None. Loss: () for "mean"/"sum", (N,) for
-"none" (0 at ignored positions).
+Shapes: hidden (N, H), weight (V, H), target (N,) int64, bias (V,) or None. Loss: () for "mean"/"sum", (N,)
+for "none" (0 at ignored positions).
 """
 
 from __future__ import annotations
@@ -58,46 +61,51 @@ import triton.language as tl
 
 from ._backend import resolve_backend
 
-# Tuning constants ---------------------------------------------------------------------------------------------------
+# Tuning constants
+# ---------------------------------------------------------------------------------------------------
 
 # torch backend: rows per chunk = TORCH_CHUNK_ELEMS // V, i.e. a (C, V) fp32 chunk of 2**24 elements = 64 MiB
-# (C = 130 at V = 128,256). Measured with `bench/bench_fused_linear_cross_entropy.py --sweep-chunk` (N=2048, H=512,
-# V=128256, fp32 fwd+bwd, 2 CPU cores shared with other jobs, so times are noisy): p50 2**21: 34.3 s, 2**22: 12.6 s,
-# 2**23: 10.2 s, 2**24: 4.0 s, 2**25: 13.2 s, reference 13.3 s; peak memory 222-254 MiB for every budget (the fp32
-# grad_weight, 250 MiB, dominates) vs 2748 MiB for the reference. Below 2**22 the GEMMs get too skinny (<= 16 rows).
+# (C = 130 at V = 128,256). Measured with `bench/bench_fused_linear_cross_entropy.py --sweep-chunk` (N=2048,
+# H=512, V=128256, fp32 fwd+bwd, 2 CPU cores shared with other jobs, so times are noisy): p50 2**21: 34.3 s,
+# 2**22: 12.6 s, 2**23: 10.2 s, 2**24: 4.0 s, 2**25: 13.2 s, reference 13.3 s; peak memory 222-254 MiB for
+# every budget (the fp32 grad_weight, 250 MiB, dominates) vs 2748 MiB for the reference. Below 2**22 the GEMMs
+# get too skinny (<= 16 rows).
 TORCH_CHUNK_ELEMS = 2**24
 
-# triton backend: the logits chunk holds about N * H elements (Liger-Kernel's budget: the chunk then costs as much
-# memory as the hidden states themselves), with at least TRITON_MIN_CHUNK_ROWS rows so the GEMMs keep the tensor
-# cores busy. Not tuned here: no GPU in the session that wrote this; Liger's budget is the known-good start.
+# triton backend: the logits chunk holds about N * H elements (Liger-Kernel's budget: the chunk then costs as
+# much memory as the hidden states themselves), with at least TRITON_MIN_CHUNK_ROWS rows so the GEMMs keep the
+# tensor cores busy. Not tuned here: no GPU in the session that wrote this; Liger's budget is the known-good
+# start.
 TRITON_MIN_CHUNK_ROWS = 256
-# Vocabulary block of the CE kernel and its warps: Liger's MAX_FUSED_SIZE (65536 // 2) and 32 warps, known-good on
-# A100/H100 for the same two-sweep row kernel. Not re-measured here (no GPU).
+# Vocabulary block of the CE kernel and its warps: Liger's MAX_FUSED_SIZE (65536 // 2) and 32 warps,
+# known-good on A100/H100 for the same two-sweep row kernel. Not re-measured here (no GPU).
 TRITON_MAX_BLOCK_V = 32768
 TRITON_NUM_WARPS = 32
 
-# rows of a low-precision gradient scaled per block in fp32 by the upstream gradient in backward: a 2**22-element
-# (16 MiB) fp32 temporary instead of a full (V, H) one.
+# rows of a low-precision gradient scaled per block in fp32 by the upstream gradient in backward: a
+# 2**22-element (16 MiB) fp32 temporary instead of a full (V, H) one.
 _SCALE_BLOCK_ELEMS = 2**22
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-# Triton kernel ------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp overflow -> inf -> 1), no libdevice needed,
-    # so the interpreter runs it too. Absolute error ~1e-7 near 0, well below a logit's fp32 rounding.
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp overflow -> inf -> 1), no libdevice
+    # needed, so the interpreter runs it too. Absolute error ~1e-7 near 0, well below a logit's fp32 rounding.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
 def _round_to_bf16(x):
-    # fp32 -> nearest-even bf16 value, still in fp32 (the cast after it is then exact). GPUs round this way in the
-    # cast itself, but the interpreter's fp32 -> bf16 cast truncates, which biases every gradient towards 0
-    # (measured: grad_bias error 3x plain PyTorch's in the bf16 tests). A few integer ops on a memory-bound sweep.
+    # fp32 -> nearest-even bf16 value, still in fp32 (the cast after it is then exact). GPUs round this way in
+    # the cast itself, but the interpreter's fp32 -> bf16 cast truncates, which biases every gradient towards
+    # 0 (measured: grad_bias error 3x plain PyTorch's in the bf16 tests). A few integer ops on a memory-bound
+    # sweep.
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
@@ -108,7 +116,7 @@ def _flce_ce_kernel(
     logits_ptr,  # (C, V) logits in, d loss / d logits out (in place, same dtype)
     stride_logits_row,
     target_ptr,  # (C,) int64, no ignore_index left (ignored rows are dropped before the GEMMs)
-    row_scale_ptr,  # (C,) fp32 scale of row r's gradient (1 / normaliser, 1, or the upstream grad); stride 0 allowed
+    row_scale_ptr,  # (C,) fp32 row gradient scale (1 / normaliser, 1, or the upstream grad); stride 0 allowed
     stride_row_scale,
     loss_ptr,  # (C,) fp32 per-row loss out
     V,
@@ -171,19 +179,30 @@ def _flce_ce_kernel(
             tl.store(logits_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-# Plain-tensor launchers: one chunk's (loss, dlogits) step --------------------------------------------------------
+# Plain-tensor launchers: one chunk's (loss, dlogits) step
+# --------------------------------------------------------
 
 
 def _ce_step_triton(logits, target, row_scale, loss_out, compute_grad, label_smoothing, softcap):
-    """Triton step: ``logits`` (C, V) becomes d loss / d logits in place (when ``compute_grad``); fills ``loss_out``."""
+    """Triton step: ``logits`` (C, V) -> d loss / d logits in place if ``compute_grad``; sets ``loss_out``."""
     C, V = logits.shape
     assert logits.stride(1) == 1 and target.is_contiguous() and loss_out.is_contiguous()
     _flce_ce_kernel[(C,)](
-        logits, logits.stride(0), target, row_scale, row_scale.stride(0), loss_out, V,
-        float(label_smoothing), float(softcap) if softcap is not None else 1.0,
-        COMPUTE_GRAD=compute_grad, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
+        logits,
+        logits.stride(0),
+        target,
+        row_scale,
+        row_scale.stride(0),
+        loss_out,
+        V,
+        float(label_smoothing),
+        float(softcap) if softcap is not None else 1.0,
+        COMPUTE_GRAD=compute_grad,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
         BF16_OUT=logits.dtype == torch.bfloat16,
-        BLOCK_V=min(triton.next_power_of_2(V), TRITON_MAX_BLOCK_V), num_warps=TRITON_NUM_WARPS,
+        BLOCK_V=min(triton.next_power_of_2(V), TRITON_MAX_BLOCK_V),
+        num_warps=TRITON_NUM_WARPS,
     )
     return logits
 
@@ -229,7 +248,7 @@ def _addmm_fp32_(acc, a, b):
         acc.addmm_(a, b)
     elif acc.is_cuda and a.dtype == b.dtype:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16/fp16 tensor cores, fp32 out
-    else:  # CPU has no addmm(out_dtype=...); or fp32 dlogits of the torch step: upcast the chunk-sized operands
+    else:  # CPU has no addmm(out_dtype=...), or fp32 dlogits of the torch step: upcast the chunk operands
         acc.addmm_(a.float(), b.float())
 
 
@@ -237,8 +256,8 @@ def _chunked_pass(hidden, weight, target, bias, row_scale, need, label_smoothing
     """One sweep over token chunks of already-compacted rows (no ignored target left).
 
     hidden (n, H), target (n,), row_scale (n,) fp32 (may be an expanded scalar); ``need`` = (grad_hidden,
-    grad_weight, grad_bias) flags. Returns loss (n,) fp32, grad_hidden (n, H) in hidden's dtype or None, and fp32
-    accumulators grad_weight (V, H) and grad_bias (V,) or None.
+    grad_weight, grad_bias) flags. Returns loss (n,) fp32, grad_hidden (n, H) in hidden's dtype or None, and
+    fp32 accumulators grad_weight (V, H) and grad_bias (V,) or None.
     """
     n, H = hidden.shape
     V = weight.shape[0]
@@ -275,7 +294,7 @@ def _chunked_pass(hidden, weight, target, bias, row_scale, need, label_smoothing
 
 
 def _compact(hidden, target, ignore_index):
-    """Indices of non-ignored rows (one host sync), and the rows themselves; ``rows is None`` when none is ignored."""
+    """Indices of non-ignored rows (one host sync) and those rows; ``rows is None`` when none is ignored."""
     rows = (target != ignore_index).nonzero().squeeze(1)
     if rows.numel() == target.numel():
         return None, hidden, target
@@ -283,7 +302,7 @@ def _compact(hidden, target, ignore_index):
 
 
 def _normaliser(target, ignore_index, num_target_tokens):
-    """Device-side mean denominator; 1 where it is 0 (every target ignored: the loss sum is 0 then, so loss 0)."""
+    """Device-side mean denominator; 1 where it is 0 (every target ignored: the loss sum is 0, so loss 0)."""
     if num_target_tokens is None:
         denom = (target != ignore_index).sum().to(torch.float32)
     else:
@@ -299,8 +318,19 @@ def _scatter_rows(values, rows, n):
     return out.index_copy_(0, rows, values)
 
 
-def _forward_impl(hidden, weight, target, bias, num_target_tokens, ignore_index, reduction, label_smoothing, softcap,
-                  backend, need):
+def _forward_impl(
+    hidden,
+    weight,
+    target,
+    bias,
+    num_target_tokens,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    softcap,
+    backend,
+    need,
+):
     N = hidden.shape[0]
     rows, h, y = _compact(hidden, target, ignore_index)
     k = h.shape[0]
@@ -311,8 +341,9 @@ def _forward_impl(hidden, weight, target, bias, num_target_tokens, ignore_index,
         row_scale = torch.ones((), dtype=torch.float32, device=hidden.device).expand(k)
     # "none": the upstream gradient is per token, so gradients wait for backward (see the module docstring).
     grad_need = (False, False, False) if reduction == "none" else need
-    loss_rows, grad_h, grad_w, grad_b = _chunked_pass(h, weight, y, bias, row_scale, grad_need, label_smoothing,
-                                                      softcap, backend)
+    loss_rows, grad_h, grad_w, grad_b = _chunked_pass(
+        h, weight, y, bias, row_scale, grad_need, label_smoothing, softcap, backend
+    )
     if reduction == "none":
         loss = _scatter_rows(loss_rows, rows, N)
     elif reduction == "sum":
@@ -326,39 +357,85 @@ def _forward_impl(hidden, weight, target, bias, num_target_tokens, ignore_index,
     return loss, grad_h, grad_w, grad_b
 
 
-# Autograd wrapper: custom ops so torch.compile traces one opaque node --------------------------------------------
+# Autograd wrapper: custom ops so torch.compile traces one opaque node
+# --------------------------------------------
 
 
 @torch.library.custom_op("barnfast::fused_linear_cross_entropy", mutates_args=())
 def _flce_op(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
-    num_target_tokens: torch.Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
-    softcap: float | None, backend: str, need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_target_tokens: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    softcap: float | None,
+    backend: str,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, grad_hidden, grad_weight, grad_bias); a gradient is a 0-element tensor when not computed here."""
+    """(loss, grad_hidden, grad_weight, grad_bias); a gradient not computed here is a 0-element tensor."""
     need = (need_grad_hidden, need_grad_weight, need_grad_bias and bias is not None)
-    return _forward_impl(hidden.contiguous(), weight.contiguous(), target.contiguous(), bias, num_target_tokens,
-                         ignore_index, reduction, label_smoothing, softcap, backend, need)
+    return _forward_impl(
+        hidden.contiguous(),
+        weight.contiguous(),
+        target.contiguous(),
+        bias,
+        num_target_tokens,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        softcap,
+        backend,
+        need,
+    )
 
 
 @_flce_op.register_fake
-def _(hidden, weight, target, bias, num_target_tokens, ignore_index, reduction, label_smoothing, softcap, backend,
-      need_grad_hidden, need_grad_weight, need_grad_bias):
+def _(
+    hidden,
+    weight,
+    target,
+    bias,
+    num_target_tokens,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    softcap,
+    backend,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+):
     loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32)
     eager = reduction != "none"
     grad_h = hidden.new_empty(hidden.shape if eager and need_grad_hidden else (0,))
     grad_w = weight.new_empty(weight.shape if eager and need_grad_weight else (0,))
-    grad_b = hidden.new_empty(0) if bias is None or not (eager and need_grad_bias) else bias.new_empty(bias.shape)
+    grad_b = (
+        hidden.new_empty(0) if bias is None or not (eager and need_grad_bias) else bias.new_empty(bias.shape)
+    )
     return loss, grad_h, grad_w, grad_b
 
 
 @torch.library.custom_op("barnfast::fused_linear_cross_entropy_backward_none", mutates_args=())
 def _flce_bwd_none_op(
-    grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-    bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, softcap: float | None, backend: str,
-    need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    backend: str,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``reduction="none"``: the chunked pass again, with the per-token upstream gradient as row scale."""
+    """Gradients of ``reduction="none"``: the chunked pass again, the per-token upstream grad as row scale."""
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     N = hidden.shape[0]
     rows, h, y = _compact(hidden, target, ignore_index)
@@ -373,8 +450,20 @@ def _flce_bwd_none_op(
 
 
 @_flce_bwd_none_op.register_fake
-def _(grad_loss, hidden, weight, target, bias, ignore_index, label_smoothing, softcap, backend, need_grad_hidden,
-      need_grad_weight, need_grad_bias):
+def _(
+    grad_loss,
+    hidden,
+    weight,
+    target,
+    bias,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    backend,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+):
     grad_h = hidden.new_empty(hidden.shape if need_grad_hidden else (0,))
     grad_w = weight.new_empty(weight.shape if need_grad_weight else (0,))
     grad_b = bias.new_empty(bias.shape) if bias is not None and need_grad_bias else hidden.new_empty(0)
@@ -385,8 +474,8 @@ def _(grad_loss, hidden, weight, target, bias, ignore_index, label_smoothing, so
 def _scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> None:
     """``grad *= grad_loss`` in place: the saved (V, H) gradient is scaled without a second (V, H) buffer.
 
-    The product is taken in fp32, in blocks of rows: ``grad.mul_(grad_loss)`` would round the scale itself to bf16
-    (1.7 -> 1.703125, a 0.2% error on every gradient, measured in the tests).
+    The product is taken in fp32, in blocks of rows: ``grad.mul_(grad_loss)`` would round the scale itself to
+    bf16 (1.7 -> 1.703125, a 0.2% error on every gradient, measured in the tests).
     """
     g = grad_loss.to(torch.float32)
     if grad.dtype == torch.float32:
@@ -405,8 +494,21 @@ def _(grad, grad_loss):
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, target, bias, _, ignore_index, reduction, label_smoothing, softcap, backend,
-     need_h, need_w, need_b) = inputs
+    (
+        hidden,
+        weight,
+        target,
+        bias,
+        _,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        softcap,
+        backend,
+        need_h,
+        need_w,
+        need_b,
+    ) = inputs
     ctx.reduction = reduction
     ctx.options = (ignore_index, label_smoothing, softcap, backend, need_h, need_w, need_b)
     if reduction == "none":
@@ -419,34 +521,67 @@ def _backward(ctx, grad_loss, *_unused_grads_of_grads):
     ignore_index, label_smoothing, softcap, backend, need_h, need_w, need_b = ctx.options
     if ctx.reduction == "none":
         hidden, weight, target, bias = ctx.saved_tensors
-        grad_h, grad_w, grad_b = _flce_bwd_none_op(grad_loss, hidden, weight, target, bias, ignore_index,
-                                                   label_smoothing, softcap, backend, need_h, need_w, need_b)
+        grad_h, grad_w, grad_b = _flce_bwd_none_op(
+            grad_loss,
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index,
+            label_smoothing,
+            softcap,
+            backend,
+            need_h,
+            need_w,
+            need_b,
+        )
     else:
-        # the saved gradients are scaled in place, so a second backward through the same graph would scale twice
+        # the saved gradients are scaled in place, so a second backward through the same graph would scale
+        # twice
         if getattr(ctx, "consumed", False):
-            raise RuntimeError("fused_linear_cross_entropy: backward through the same graph twice is not supported")
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward through the same graph twice is not supported"
+            )
         ctx.consumed = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
         for g in (grad_h, grad_w, grad_b):
             if g.numel():
                 _scale_(g, grad_loss)
-    return (grad_h if need_h else None, grad_w if need_w else None, None, grad_b if need_b else None,
-            None, None, None, None, None, None, None, None, None)
+    return (
+        grad_h if need_h else None,
+        grad_w if need_w else None,
+        None,
+        grad_b if need_b else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _flce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Public API ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_target_tokens):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
     if target.shape != hidden.shape[:1] or target.dtype != torch.int64:
-        raise ValueError(f"target must be int64 of shape ({hidden.shape[0]},), got {target.dtype} {tuple(target.shape)}")
+        raise ValueError(
+            f"target must be int64 of shape ({hidden.shape[0]},), got {target.dtype} {tuple(target.shape)}"
+        )
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError("hidden, weight and bias must share one dtype")
     if bias is not None and bias.shape != weight.shape[:1]:
@@ -456,7 +591,9 @@ def _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, nu
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     if num_target_tokens is not None and reduction != "mean":
-        raise ValueError("num_target_tokens is the normaliser of reduction='mean'; it means nothing for " + reduction)
+        raise ValueError(
+            "num_target_tokens is the normaliser of reduction='mean'; it means nothing for " + reduction
+        )
 
 
 def fused_linear_cross_entropy(
@@ -475,10 +612,10 @@ def fused_linear_cross_entropy(
     """``F.cross_entropy(softcap(hidden @ weight.T + bias), target)`` without materialising the (N, V) logits.
 
     hidden (N, H), weight (V, H), target (N,) int64 with ``ignore_index`` sentinels, bias (V,) or None.
-    ``reduction="mean"`` divides by the number of non-ignored targets, or by ``num_target_tokens`` (a number or
-    0-dim tensor, e.g. the count over the whole global batch) when given; every target ignored gives 0.
-    ``"none"`` returns (N,) per-token losses, 0 at ignored positions. The loss is fp32; gradients reach hidden,
-    weight and bias in their dtype, accumulated in fp32.
+    ``reduction="mean"`` divides by the number of non-ignored targets, or by ``num_target_tokens`` (a number
+    or 0-dim tensor, e.g. the count over the whole global batch) when given; every target ignored gives 0.
+    ``"none"`` returns (N,) per-token losses, 0 at ignored positions. The loss is fp32; gradients reach
+    hidden, weight and bias in their dtype, accumulated in fp32.
     """
     _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_target_tokens)
     backend = resolve_backend(backend, hidden, weight, target, bias)
@@ -486,9 +623,18 @@ def fused_linear_cross_entropy(
         num_target_tokens = torch.tensor(float(num_target_tokens), device=hidden.device)
     grad_on = torch.is_grad_enabled()
     loss, *_ = _flce_op(
-        hidden, weight, target, bias, num_target_tokens, int(ignore_index), reduction, float(label_smoothing),
-        None if softcap is None else float(softcap), backend,
-        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        hidden,
+        weight,
+        target,
+        bias,
+        num_target_tokens,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        None if softcap is None else float(softcap),
+        backend,
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
     return loss
@@ -500,12 +646,28 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     Takes the keyword options of ``fused_linear_cross_entropy``; ``bias`` may be given here or per call.
     """
 
-    def __init__(self, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
-                 num_target_tokens=None, backend="auto"):
+    def __init__(
+        self,
+        *,
+        bias=None,
+        ignore_index=-100,
+        reduction="mean",
+        label_smoothing=0.0,
+        softcap=None,
+        num_target_tokens=None,
+        backend="auto",
+    ):
         super().__init__()
         # a plain dict, so a bias Parameter passed here is not registered (and optimised) a second time
-        self.options = dict(bias=bias, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                            softcap=softcap, num_target_tokens=num_target_tokens, backend=backend)
+        self.options = dict(
+            bias=bias,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            softcap=softcap,
+            num_target_tokens=num_target_tokens,
+            backend=backend,
+        )
 
     def forward(self, hidden, weight, target, bias=None):
         options = self.options if bias is None else {**self.options, "bias": bias}
@@ -525,8 +687,11 @@ def fused_linear_cross_entropy_ref(
     num_target_tokens: float | torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Plain reference: the full (N, V) logits and ``F.cross_entropy``, in fp32 (``upcast=False``: in the inputs'
-    dtype, i.e. what plain PyTorch gets in low precision). Same options and semantics as the fused op."""
+    """Plain reference: the full (N, V) logits and ``F.cross_entropy``, in fp32.
+
+    ``upcast=False``: in the inputs' dtype instead, i.e. what plain PyTorch gets in low precision. Same
+    options and semantics as the fused op.
+    """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     dt = torch.float32 if upcast else hidden.dtype
@@ -535,8 +700,9 @@ def fused_linear_cross_entropy_ref(
         logits = logits + bias.to(dt)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    losses = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
-                             label_smoothing=label_smoothing)  # (N,), 0 at ignored positions
+    losses = F.cross_entropy(
+        logits, target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )  # (N,), 0 at ignored positions
     if reduction == "none":
         return losses
     if reduction == "sum":

@@ -1,8 +1,8 @@
-"""fused_linear_cross_entropy against its fp32 full-logits reference, on both backends (Triton interpreted on CPU).
+"""fused_linear_cross_entropy against its fp32 full-logits reference, on both backends (Triton: interpreter).
 
-Bound (STYLE.md): max|ours - ref32| <= 2 * max|plain PyTorch in the same dtype - ref32| + atol, for the loss and the
-gradients of hidden, weight and bias. atol is 1e-5 (fp32) relative to the largest reference value. The chunk sizes
-are shrunk so every case runs several chunks.
+Bound (STYLE.md): max|ours - ref32| <= 2 * max|plain PyTorch in the same dtype - ref32| + atol, for the loss
+and the gradients of hidden, weight and bias. atol is 1e-5 (fp32) relative to the largest reference value. The
+chunk sizes are shrunk so every case runs several chunks.
 """
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ import importlib
 
 import pytest
 import torch
+from barnfast.kernels import (
+    FusedLinearCrossEntropyLoss,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+)
 
-from barnfast.kernels import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy, fused_linear_cross_entropy_ref
 from tests.utils import assert_close_to_ref
 
 # the module, not the function of the same name that barnfast.kernels exports over it
@@ -21,7 +25,8 @@ flce = importlib.import_module("barnfast.kernels.fused_linear_cross_entropy")
 IGNORE = -100
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
-# (N, H, V): awkward odd sizes (vocabulary not a multiple of any block), LLaMA-1/2's and LLaMA-3's vocabularies
+# (N, H, V): awkward odd sizes (vocabulary not a multiple of any block), LLaMA-1/2's and LLaMA-3's
+# vocabularies
 SHAPES = [(77, 123, 1001), (40, 64, 32000), (24, 32, 128256)]
 
 
@@ -52,17 +57,40 @@ def _run(fn, hidden, weight, bias, target, dtype, grad_out):
 
 
 def _check_against_ref(hidden, weight, bias, target, dtype, backend, grad_out, **opts):
-    ours = _run(lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, bias=b, backend=backend, **opts),
-                hidden, weight, bias, target, dtype, grad_out)
-    ref32 = _run(lambda h, w, y, b: fused_linear_cross_entropy_ref(h, w, y, bias=b, **opts),
-                 hidden, weight, bias, target, torch.float32, grad_out)
+    ours = _run(
+        lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, bias=b, backend=backend, **opts),
+        hidden,
+        weight,
+        bias,
+        target,
+        dtype,
+        grad_out,
+    )
+    ref32 = _run(
+        lambda h, w, y, b: fused_linear_cross_entropy_ref(h, w, y, bias=b, **opts),
+        hidden,
+        weight,
+        bias,
+        target,
+        torch.float32,
+        grad_out,
+    )
     lowp = None
     if dtype != torch.float32:
-        lowp = _run(lambda h, w, y, b: fused_linear_cross_entropy_ref(h, w, y, bias=b, upcast=False, **opts),
-                    hidden, weight, bias, target, dtype, grad_out)
+        lowp = _run(
+            lambda h, w, y, b: fused_linear_cross_entropy_ref(h, w, y, bias=b, upcast=False, **opts),
+            hidden,
+            weight,
+            bias,
+            target,
+            dtype,
+            grad_out,
+        )
     for i, name in enumerate(["loss", "grad_hidden", "grad_weight", "grad_bias"][: len(ours)]):
         atol = 1e-5 * max(1.0, ref32[i].abs().max().item())
-        assert_close_to_ref(f"{backend} {dtype} {name}", ours[i], ref32[i], None if lowp is None else lowp[i], atol)
+        assert_close_to_ref(
+            f"{backend} {dtype} {name}", ours[i], ref32[i], None if lowp is None else lowp[i], atol
+        )
     return ours
 
 
@@ -78,7 +106,9 @@ def _grad_out(reduction, N):
 def test_matches_reference(reduction, shape, dtype, backend):
     N, H, V = shape
     hidden, weight, bias, target = _inputs(N, H, V, dtype)
-    _check_against_ref(hidden, weight, bias, target, dtype, backend, _grad_out(reduction, N), reduction=reduction)
+    _check_against_ref(
+        hidden, weight, bias, target, dtype, backend, _grad_out(reduction, N), reduction=reduction
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,8 +118,18 @@ def test_matches_reference(reduction, shape, dtype, backend):
 def test_label_smoothing_and_softcap(smoothing, softcap, reduction, dtype, backend):
     N, H, V = SHAPES[0]
     hidden, weight, bias, target = _inputs(N, H, V, dtype)
-    _check_against_ref(hidden, weight, bias, target, dtype, backend, _grad_out(reduction, N), reduction=reduction,
-                       label_smoothing=smoothing, softcap=softcap)
+    _check_against_ref(
+        hidden,
+        weight,
+        bias,
+        target,
+        dtype,
+        backend,
+        _grad_out(reduction, N),
+        reduction=reduction,
+        label_smoothing=smoothing,
+        softcap=softcap,
+    )
 
 
 def test_softcap_and_smoothing_change_the_result():
@@ -98,8 +138,9 @@ def test_softcap_and_smoothing_change_the_result():
     base = fused_linear_cross_entropy(hidden, weight, target, bias=bias)
     for opts in ({"label_smoothing": 0.1}, {"softcap": 3.0}):
         for backend in BACKENDS:
-            assert (fused_linear_cross_entropy(hidden, weight, target, bias=bias, backend=backend, **opts)
-                    - base).abs() > 1e-3
+            assert (
+                fused_linear_cross_entropy(hidden, weight, target, bias=bias, backend=backend, **opts) - base
+            ).abs() > 1e-3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,20 +181,26 @@ def test_num_target_tokens_across_micro_batches(as_tensor, backend):
     big.backward()
     w2 = weight.clone().requires_grad_()
     h2 = hidden.clone().requires_grad_()
-    parts = [fused_linear_cross_entropy(h2[s], w2, target[s], bias=bias, num_target_tokens=total, backend=backend)
-             for s in (slice(0, 45), slice(45, N))]  # 45 splits the ignored block: uneven counts per micro-batch
+    parts = [
+        fused_linear_cross_entropy(h2[s], w2, target[s], bias=bias, num_target_tokens=total, backend=backend)
+        for s in (slice(0, 45), slice(45, N))
+    ]  # 45 splits the ignored block: uneven counts per micro-batch
     sum(parts).backward()
     assert_close_to_ref("loss", sum(parts), big, atol=1e-5)
     assert_close_to_ref("grad_weight", w2.grad, w1.grad, atol=1e-6)
     assert_close_to_ref("grad_hidden", h2.grad, h1.grad, atol=1e-7)
     # and it is the reference's number, not just self-consistent
-    assert_close_to_ref("vs ref", big, fused_linear_cross_entropy_ref(hidden, weight, target, bias=bias), atol=1e-5)
+    assert_close_to_ref(
+        "vs ref", big, fused_linear_cross_entropy_ref(hidden, weight, target, bias=bias), atol=1e-5
+    )
 
 
 def test_module_matches_function():
     hidden, weight, bias, target = _inputs(*SHAPES[0], torch.float32)
     loss_fn = FusedLinearCrossEntropyLoss(bias=bias, reduction="sum", label_smoothing=0.1)
-    expected = fused_linear_cross_entropy(hidden, weight, target, bias=bias, reduction="sum", label_smoothing=0.1)
+    expected = fused_linear_cross_entropy(
+        hidden, weight, target, bias=bias, reduction="sum", label_smoothing=0.1
+    )
     assert torch.equal(loss_fn(hidden, weight, target), expected)
     assert list(loss_fn.parameters()) == []
 
@@ -163,8 +210,11 @@ def test_no_grad_inputs_and_inference():
     hidden, weight, bias, target = _inputs(*SHAPES[0], torch.float32)
     ref = fused_linear_cross_entropy_ref(hidden, weight, target, bias=bias)
     with torch.no_grad():
-        assert_close_to_ref("no_grad loss", fused_linear_cross_entropy(hidden.requires_grad_(), weight, target,
-                                                                       bias=bias), ref)
+        assert_close_to_ref(
+            "no_grad loss",
+            fused_linear_cross_entropy(hidden.requires_grad_(), weight, target, bias=bias),
+            ref,
+        )
     h = hidden.detach().clone().requires_grad_()
     fused_linear_cross_entropy(h, weight, target, bias=bias).backward()
     h_ref = hidden.detach().clone().requires_grad_()
@@ -196,7 +246,7 @@ def test_invalid_options():
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_torch_compile_with_ignored_targets(reduction):
-    """fullgraph=True: the op traces without a graph break, and ignored targets give the reference loss and grads."""
+    """fullgraph=True: no graph break, and ignored targets give the reference loss and grads."""
     torch._dynamo.reset()
     N, H, V = 33, 24, 301
     hidden, weight, bias, target = _inputs(N, H, V, torch.float32, ignored=slice(3, 20))
@@ -207,15 +257,23 @@ def test_torch_compile_with_ignored_targets(reduction):
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     g = _grad_out(reduction, N)
     ours = _run(lambda h, w, y, b: compiled(h, w, y, b), hidden, weight, bias, target, torch.float32, g)
-    ref = _run(lambda h, w, y, b: fused_linear_cross_entropy_ref(h, w, y, bias=b, reduction=reduction,
-                                                                label_smoothing=0.05),
-               hidden, weight, bias, target, torch.float32, g)
+    ref = _run(
+        lambda h, w, y, b: fused_linear_cross_entropy_ref(
+            h, w, y, bias=b, reduction=reduction, label_smoothing=0.05
+        ),
+        hidden,
+        weight,
+        bias,
+        target,
+        torch.float32,
+        g,
+    )
     for name, a, r in zip(["loss", "grad_hidden", "grad_weight", "grad_bias"], ours, ref):
         assert_close_to_ref(f"compiled {name}", a, r, atol=1e-5)
 
 
 def test_opcheck():
-    """torch.library's own consistency checks of the custom op (schema, fake tensor, autograd registration)."""
+    """torch.library's own consistency checks of the custom op (schema, fake tensor)."""
     hidden, weight, bias, target = _inputs(20, 16, 50, torch.float32, ignored=slice(2, 6))
     h, w, b = (x.requires_grad_() for x in (hidden, weight, bias))
     args = (h, w, target, b, None, IGNORE, "mean", 0.0, None, "torch", True, True, True)
