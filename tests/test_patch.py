@@ -285,24 +285,11 @@ def _collate(items, pad_id: int = 0):
     )
 
 
-def test_hf_trainer_runs_patched_model(llava, tmp_path, monkeypatch):
+def _train(model, data, out_dir):
     from transformers import Trainer, TrainingArguments
 
-    tokenizer = backbones.from_name("llama1-tiny").load_tokenizer()
-    data = _synthetic_dataset(tmp_path, tokenizer, n=12)
-    model = copy.deepcopy(llava)
-    patch.apply_barnfast_kernels(model, backend="torch")
-
-    calls = []
-    real = patch._fused_linear_cross_entropy
-
-    def spy(hidden, weight, target, **kw):
-        calls.append(kw["num_target_tokens"])
-        return real(hidden, weight, target, **kw)
-
-    monkeypatch.setattr(patch, "_fused_linear_cross_entropy", spy)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
+        output_dir=str(out_dir),
         max_steps=3,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
@@ -314,13 +301,36 @@ def test_hf_trainer_runs_patched_model(llava, tmp_path, monkeypatch):
         dataloader_num_workers=0,
         seed=0,
     )
-    before = model.lm_head.weight.detach().clone()
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=_collate)
     result = trainer.train()
+    return result, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_hf_trainer_runs_patched_model(llava, tmp_path, monkeypatch):
+    """3 steps x 2 micro-batches of the HF Trainer on synthetic data: the fused loss runs with the Trainer's
+    num_items_in_batch, and the logged losses match an unpatched model trained the same way."""
+    tokenizer = backbones.from_name("llama1-tiny").load_tokenizer()
+    data = _synthetic_dataset(tmp_path, tokenizer, n=12)
+    ref, model = copy.deepcopy(llava), copy.deepcopy(llava)
+    patch.apply_barnfast_kernels(model, backend="torch")
+
+    calls = []
+    real = patch._fused_linear_cross_entropy
+
+    def spy(hidden, weight, target, **kw):
+        calls.append(kw["num_target_tokens"])
+        return real(hidden, weight, target, **kw)
+
+    monkeypatch.setattr(patch, "_fused_linear_cross_entropy", spy)
+    before = model.lm_head.weight.detach().clone()
+    result, losses = _train(model, data, tmp_path / "patched")
     assert len(calls) == 3 * 2  # 3 optimizer steps x 2 micro-batches, all through the fused loss
-    # The Trainer found **kwargs in the (wrapped) signature and passed the global target count of each step.
+    # The Trainer found **kwargs in the (wrapped) signature and passed each step's global target count.
     assert all(isinstance(c, torch.Tensor) and c > 0 for c in calls)
-    assert torch.isfinite(torch.tensor(result.training_loss))
-    assert [h["loss"] for h in trainer.state.log_history if "loss" in h] and not torch.equal(
-        before, model.lm_head.weight.detach()
-    )
+    assert torch.isfinite(torch.tensor(result.training_loss)) and len(losses) == 3
+    assert not torch.equal(before, model.lm_head.weight.detach())
+
+    _, ref_losses = _train(ref, data, tmp_path / "unpatched")
+    # Logged losses are rounded by the Trainer (4 significant digits); the weights must agree much tighter.
+    assert losses == pytest.approx(ref_losses, rel=1e-3)
+    torch.testing.assert_close(model.lm_head.weight, ref.lm_head.weight, rtol=1e-4, atol=1e-6)
