@@ -85,13 +85,7 @@ def apply_barnfast_kernels(
                 f"apply_barnfast_kernels: {type(model).__name__} (model_type {model_type!r}) is not "
                 f"LlavaForConditionalGeneration or a *ForCausalLM of {SUPPORTED_CAUSAL_LM}"
             )
-    state = {"applied": {"projector": False, "fused_linear_cross_entropy": False, "liger": False}}
-
-    if projector and is_llava:
-        state["projector"] = _swap_projector(model, backend)
-        state["applied"]["projector"] = state["projector"] is not None
-
-    if fused_linear_cross_entropy:
+    if fused_linear_cross_entropy:  # checked before anything changes: no half-patched model
         if not isinstance(model.lm_head, nn.Linear):
             raise ValueError(
                 f"fused_linear_cross_entropy needs lm_head to be nn.Linear, got {type(model.lm_head)}"
@@ -104,6 +98,13 @@ def apply_barnfast_kernels(
                 "fused_linear_cross_entropy reproduces ForCausalLMLoss; this model has a custom loss "
                 "(loss_type / _loss_function): pass fused_linear_cross_entropy=False"
             )
+    state = {"applied": {"projector": False, "fused_linear_cross_entropy": False, "liger": False}}
+
+    if projector and is_llava:
+        state["projector"] = _swap_projector(model, backend)
+        state["applied"]["projector"] = state["projector"] is not None
+
+    if fused_linear_cross_entropy:
         state["previous_forward"] = model.__dict__.get("forward")  # e.g. a wrapper bound before; usually None
         state["backend"] = backend
         model.__dict__["forward"] = types.MethodType(_make_forward(type(model).forward), model)

@@ -217,6 +217,16 @@ def test_unsupported_models_raise():
         patch.apply_barnfast_kernels(Other())
 
 
+def test_custom_loss_is_refused_before_anything_changes(llava):
+    model = copy.deepcopy(llava)
+    projector = model.model.multi_modal_projector
+    model._loss_function = lambda *a, **k: None  # a user's own loss: the fused one would silently replace it
+    with pytest.raises(ValueError, match="custom loss"):
+        patch.apply_barnfast_kernels(model)
+    assert model.model.multi_modal_projector is projector and "forward" not in model.__dict__
+    assert patch.apply_barnfast_kernels(model, fused_linear_cross_entropy=False, liger=False)["projector"]
+
+
 def test_save_pretrained_round_trip_after_patching(llava, tmp_path):
     model = copy.deepcopy(llava)
     patch.apply_barnfast_kernels(model, backend="torch")
