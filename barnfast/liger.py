@@ -74,7 +74,9 @@ def liger_kernels() -> DecoderKernels:
         rms_norm_forward=LigerRMSNorm.forward,
         # Llama, Mistral and Qwen2: no weight offset, Llama casting (fp32 norm, cast to the input dtype
         # before the weight multiply), as Liger's _patch_rms_norm_module sets for them.
-        rms_norm_attrs=dict(offset=0.0, casting_mode="llama", in_place=True, row_mode=None, impl=None, mode=None),
+        rms_norm_attrs=dict(
+            offset=0.0, casting_mode="llama", in_place=True, row_mode=None, impl=None, mode=None
+        ),
         mlp_forward=LigerSwiGLUMLP.forward,
         rotary_fn=liger_rotary_pos_emb,
     )
@@ -88,7 +90,9 @@ def apply_liger_to_decoder(language_model: nn.Module, kernels: DecoderKernels | 
     """
     family = getattr(getattr(language_model, "config", None), "model_type", None)
     if kernels is None and not optional.HAS_LIGER:
-        logger.info("Liger kernels not applied: %s", optional.WHY_NOT.get("liger", "liger-kernel unavailable"))
+        logger.info(
+            "Liger kernels not applied: %s", optional.WHY_NOT.get("liger", "liger-kernel unavailable")
+        )
         return False
     if family not in SUPPORTED_FAMILIES:
         logger.info("Liger kernels not applied: model family %r is not one of %s", family, SUPPORTED_FAMILIES)
@@ -97,7 +101,10 @@ def apply_liger_to_decoder(language_model: nn.Module, kernels: DecoderKernels | 
         logger.info("Liger kernels already applied (%s)", getattr(language_model, _PATCHED))
         return True
     if getattr(language_model.config, "hidden_act", "silu") not in ("silu", "swish"):
-        logger.info("Liger kernels not applied: SwiGLU needs hidden_act silu, got %r", language_model.config.hidden_act)
+        logger.info(
+            "Liger kernels not applied: SwiGLU needs hidden_act silu, got %r",
+            language_model.config.hidden_act,
+        )
         return False
     kernels = kernels or liger_kernels()
     norms = [language_model.norm]
@@ -111,13 +118,15 @@ def apply_liger_to_decoder(language_model: nn.Module, kernels: DecoderKernels | 
     # A plain attribute, not a buffer: state_dict is untouched.
     language_model.__dict__[_PATCHED] = kernels.name
     logger.info(
-        "Liger kernels applied to %d %s decoder layers: RMSNorm, RoPE, SwiGLU", len(language_model.layers), family
+        "Liger kernels applied to %d %s decoder layers: RMSNorm, RoPE, SwiGLU",
+        len(language_model.layers),
+        family,
     )
     return True
 
 
 def _bind_forward(module: nn.Module, kernel_forward: Callable, applies_to: Callable) -> None:
-    """``module.forward`` → ``kernel_forward`` on inputs ``applies_to`` accepts, the class's forward otherwise."""
+    """``module.forward`` → ``kernel_forward`` on inputs ``applies_to`` accepts, else the class's forward."""
     cls_forward = type(module).forward
 
     def forward(self, x, *args, **kwargs):
@@ -131,7 +140,9 @@ def _patch_rotary(attn: nn.Module, rotary_fn: Callable, applies_to: Callable) ->
     cls_forward = type(attn).forward
     module_globals = sys.modules[type(attn).__module__].__dict__
     if "apply_rotary_pos_emb" not in cls_forward.__code__.co_names:
-        raise RuntimeError(f"{type(attn).__qualname__}.forward does not call apply_rotary_pos_emb; cannot patch RoPE")
+        raise RuntimeError(
+            f"{type(attn).__qualname__}.forward does not call apply_rotary_pos_emb; cannot patch RoPE"
+        )
     original = module_globals["apply_rotary_pos_emb"]
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
@@ -139,7 +150,11 @@ def _patch_rotary(attn: nn.Module, rotary_fn: Callable, applies_to: Callable) ->
 
     new_globals = {**module_globals, "apply_rotary_pos_emb": apply_rotary_pos_emb}
     fn = types.FunctionType(
-        cls_forward.__code__, new_globals, cls_forward.__name__, cls_forward.__defaults__, cls_forward.__closure__
+        cls_forward.__code__,
+        new_globals,
+        cls_forward.__name__,
+        cls_forward.__defaults__,
+        cls_forward.__closure__,
     )
     fn.__kwdefaults__ = cls_forward.__kwdefaults__
     attn.__dict__["forward"] = types.MethodType(fn, attn)

@@ -77,7 +77,8 @@ def test_packed_kernels_converge_like_padded_pytorch():
     a, b = np.array(losses_a), np.array(losses_b)
     rel = np.abs(a - b) / np.abs(b)
     table = "\n".join(
-        f"step {i:2d}: packed {x:.6f} padded {y:.6f} rel {r:.1e}" for i, (x, y, r) in enumerate(zip(a, b, rel))
+        f"step {i:2d}: packed {x:.6f} padded {y:.6f} rel {r:.1e}"
+        for i, (x, y, r) in enumerate(zip(a, b, rel))
     )
     print(f"max rel diff {rel.max():.2e} ({time.perf_counter() - t0:.1f}s)\n{table}")
     assert np.isfinite(a).all() and np.isfinite(b).all()

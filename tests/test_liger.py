@@ -1,4 +1,4 @@
-"""Liger patching of the decoder: off and harmless on CPU, instance-scoped, checkpoint-compatible, equal on CUDA."""
+"""Liger patching of the decoder: off on CPU, instance-scoped, checkpoint-compatible, equal on CUDA."""
 
 import copy
 
@@ -104,7 +104,9 @@ def test_unsupported_family_not_applied():
 
 
 @requires_cuda
-@pytest.mark.skipif(not optional.HAS_LIGER, reason=f"liger-kernel unavailable: {optional.WHY_NOT.get('liger')}")
+@pytest.mark.skipif(
+    not optional.HAS_LIGER, reason=f"liger-kernel unavailable: {optional.WHY_NOT.get('liger')}"
+)
 @pytest.mark.parametrize("backbone", ["llama3-tiny", "qwen2-tiny"])
 def test_cuda_liger_matches_unpatched(backbone):
     """Built on CPU (and patched by build_model), moved to CUDA: Liger's kernels run and give the
