@@ -37,7 +37,7 @@ from .data.llava import load_llava_json
 from .data.synthetic import ensure_synthetic
 from .dataset import MicroBatches, StageDataset
 from .export import export_hf
-from .model import LlavaVLM, build_model
+from .model import build_model
 from .runinfo import write_run_record
 
 
@@ -166,7 +166,7 @@ class Trainer:
             if epoch:
                 plan = self.plan(data, stage, epoch=epoch)
             loader = self._loader(data, plan, data.lengths, min(plan.num_steps, total - step))
-            for local_step, mbs in enumerate(loader):
+            for mbs in loader:
                 rec = self.train_step(module, opt, params, stage, mbs, step, total)
                 rec["epoch"] = epoch
                 history.append(rec)
