@@ -12,7 +12,7 @@ from barnfast.batch import collate_packed, collate_padded
 from barnfast.model import build_model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(backbone: str, seed: int):
     return build_model(backbones.from_name(backbone), vision.from_name("clip-tiny"), seed=seed,
                        kernel_backend="torch")
