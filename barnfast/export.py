@@ -9,6 +9,7 @@ parameter names are those of ``LlavaForConditionalGeneration``: barnfast's fused
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -17,8 +18,17 @@ import torch
 from .model import IMAGE_TOKEN, LlavaVLM
 
 
-def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the Hugging Face folder; ``dtype`` casts the saved weights (default: as trained)."""
+BARNFAST_META = "barnfast.json"
+
+
+def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype | None = None,
+              meta: dict | None = None) -> Path:
+    """Write the Hugging Face folder; ``dtype`` casts the saved weights (default: as trained).
+
+    ``meta`` (backbone name, chat template, vision tower, image aspect, ...) is written to
+    ``barnfast.json`` beside the weights, so evaluation and generation prompt the model the way it
+    was trained.
+    """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     hf = model.hf
@@ -40,4 +50,13 @@ def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype |
     except Exception as exc:  # noqa: BLE001 - the model folder is complete without it; say why it is missing
         warnings.warn(f"LlavaProcessor not saved ({type(exc).__name__}: {exc}); model, tokenizer and image "
                       f"processor are", stacklevel=2)
+    info = {"image_token": IMAGE_TOKEN, "image_token_id": model.image_token_id, "vision": model.vision.name,
+            "num_image_tokens": model.vision.num_tokens, **(meta or {})}
+    (dest / BARNFAST_META).write_text(json.dumps(info, indent=2))
     return dest
+
+
+def read_meta(folder: str | Path) -> dict:
+    """The ``barnfast.json`` of an exported folder (empty dict for a folder barnfast did not write)."""
+    path = Path(folder) / BARNFAST_META
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -246,7 +246,11 @@ class Trainer:
     def export(self) -> Path:
         dest = self.out / "export"
         if self.dist.is_main:
-            export_hf(self.model, self.tokenizer, dest)
+            export_hf(self.model, self.tokenizer, dest, meta={
+                "backbone": self.backbone.name, "chat_template": self.backbone.chat_template,
+                "stop_tokens": list(self.backbone.stop_tokens), "image_aspect": self.recipe.data.image_aspect,
+                "seed": self.recipe.train.seed,
+            })
         distributed.barrier(self.dist)
         return dest
 

@@ -50,6 +50,8 @@ def test_two_stages_train_and_export(tmp_path, backbone):
     tok = AutoTokenizer.from_pretrained(out / "export")
     assert tok.convert_tokens_to_ids("<image>") == hf.config.image_token_id
     assert hf.config.vision_feature_layer == -2
+    meta = json.loads((out / "export" / "barnfast.json").read_text())
+    assert meta["backbone"] == backbone and meta["image_token_id"] == hf.config.image_token_id
 
 
 def test_stage1_trains_projector_only(tmp_path):
