@@ -119,6 +119,20 @@ class TrainConfig:
     log_every: int = 1
     kernel_backend: str = "auto"
     """Backend of barnfast.kernels ops: ``auto`` | ``triton`` | ``torch``."""
+    parallel: str = "ddp"
+    """Data parallelism over processes: ``ddp`` (replicas) or ``fsdp`` (FSDP2, sharded per decoder layer)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of storing them."""
+    optimizer: str = "adamw"
+    """``adamw`` (torch) or ``adamw8bit`` (torchao, 8-bit optimizer states; CUDA)."""
+    float8: bool = False
+    """torchao float8 training of the decoder's linear layers (CUDA, compute capability >= 8.9)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N optimizer steps (0: only at the end of each stage)."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep (the newest)."""
+    max_nonfinite_in_a_row: int = 5
+    """Steps with a non-finite loss or gradient norm are skipped; more than this many in a row stop the run."""
 
     def __post_init__(self):
         _check(self.token_budget >= 16, "train.token_budget", f"must be >= 16, got {self.token_budget}")
@@ -128,6 +142,37 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.kernel_backend in ("auto", "triton", "torch"), "train.kernel_backend",
                f"must be auto|triton|torch, got {self.kernel_backend!r}")
+        _check(self.parallel in ("ddp", "fsdp"), "train.parallel", f"must be ddp|fsdp, got {self.parallel!r}")
+        _check(self.optimizer in ("adamw", "adamw8bit"), "train.optimizer",
+               f"must be adamw|adamw8bit, got {self.optimizer!r}")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(self.max_nonfinite_in_a_row >= 0, "train.max_nonfinite_in_a_row", "must be >= 0")
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    """Stage 2 trains LoRA adapters on the LLM (plus the projector) instead of the full LLM."""
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merge_on_export: bool = True
+    """Merge the adapters into the LLM weights in the exported Hugging Face folder."""
+
+    def __post_init__(self):
+        _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _check(len(self.target_modules) >= 1, "lora.target_modules", "must name at least one module")
+
+    def to_lora_config(self):
+        from .lora import LoraConfig
+
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          target_modules=tuple(self.target_modules))
 
 
 @dataclass
@@ -135,6 +180,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     output_dir: str = "runs/default"
 
@@ -147,7 +193,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraSection}
 
 
 def _build(cls, values: dict, where: str):
@@ -160,7 +206,7 @@ def _build(cls, values: dict, where: str):
 
 def recipe_from_dict(d: dict) -> Recipe:
     """Build a validated Recipe from a nested dict (the TOML document)."""
-    top = set(d) - {"model", "data", "train", "stages", "output_dir"}
+    top = set(d) - {*_SECTIONS, "stages", "output_dir"}
     if top:
         raise ConfigError(f"recipe: unknown section(s) {sorted(top)}")
     kwargs = {name: _build(cls, d.get(name, {}), name) for name, cls in _SECTIONS.items()}

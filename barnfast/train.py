@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -30,12 +31,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from . import backbones, distributed, packing
+from . import backbones, checkpoint, distributed, packing
+from . import flops as flops_lib
 from . import vision as vision_registry
 from .config import Recipe, load_recipe
 from .data.llava import load_llava_json
 from .data.synthetic import ensure_synthetic
 from .dataset import MicroBatches, StageDataset
+from .distributed import gradient_sync
 from .export import export_hf
 from .model import build_model
 from .runinfo import write_run_record
@@ -78,6 +81,18 @@ def stage_data(recipe: Recipe, stage_name: str) -> tuple[Path, Path]:
     return root / f"{stage_name}.json", root
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved and the run can continue with --resume."""
+
+
+class MicroBatchOOMError(RuntimeError):
+    """Out of memory on a micro-batch; the message names the token budget to lower."""
+
+
 class Trainer:
     """Builds the model once and runs the recipe's stages on it."""
 
@@ -104,8 +119,53 @@ class Trainer:
         self.max_length = recipe.train.max_length or self.backbone.max_position_embeddings
         self.metrics_path = self.out / "metrics.jsonl"
         self.samples_seen = 0
+        self.flops = flops_lib.FlopCounter(self.model)
+        self._lora_applied = False
+        self._fsdp = None
+        self._sigterm = False
+        if recipe.train.activation_checkpointing:
+            from .parallel import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model)
+        if recipe.train.float8:
+            from .optim import apply_float8
+
+            apply_float8(self.model)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.dist.is_main:
             write_run_record(self.out / "run.json", recipe.to_dict(), self.dist.world_size, self.device)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # What a cluster scheduler sends before killing the job: finish the step, save, exit.
+        self._sigterm = True
+
+    # -- the whole run ----------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        """All stages of the recipe, from the latest checkpoint when ``resume``."""
+        names = [s.name for s in self.recipe.stages]
+        ckpt = checkpoint.latest_checkpoint(self.out / "checkpoints") if resume else None
+        state = checkpoint.read_state(ckpt) if ckpt is not None else None
+        if state is not None and state.stage not in names:
+            raise RuntimeError(f"checkpoint {ckpt} is of stage {state.stage!r}, not in this recipe's stages {names}")
+        if state is not None:
+            self._truncate_metrics(names, state)
+        for i, stage in enumerate(self.recipe.stages):
+            if state is not None and (i < names.index(state.stage) or (stage.name == state.stage and state.stage_done)):
+                if stage.name == state.stage:  # finished stage: its parameters seed the next one
+                    self.prepare_stage(stage)
+                    checkpoint.load_checkpoint(ckpt, self.model, None, self.dist, restore_rng=False)
+                    self.samples_seen = state.samples_seen
+                continue
+            self.run_stage(stage, resume=ckpt if state is not None and stage.name == state.stage else None)
+
+    def _truncate_metrics(self, names: list[str], state: checkpoint.TrainerState) -> None:
+        """Drop metrics of steps after the checkpoint: the resumed run logs them again."""
+        if not self.dist.is_main or not self.metrics_path.exists():
+            return
+        keep_before = (names.index(state.stage), state.step)
+        rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+        kept = [r for r in rows if (names.index(r["stage"]), r["step"]) < keep_before]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, stage) -> StageDataset:
@@ -146,47 +206,115 @@ class Trainer:
         return [mine[i:i + k] for i in range(0, len(mine), k)]
 
     # -- one stage ----------------------------------------------------------------------------
-    def run_stage(self, stage) -> list[dict]:
+    def prepare_stage(self, stage) -> None:
+        """Freeze/unfreeze for the stage, and apply the recipe's LoRA (stage 2)."""
+        self.model.set_trainable(projector=True, llm=stage.train_llm)
+        if stage.train_llm and self.recipe.lora.enabled and not self._lora_applied:
+            from .lora import apply_lora
+
+            apply_lora(self.model, self.recipe.lora.to_lora_config())
+            self._lora_applied = True
+
+    def wrap(self, stage):
+        """The module the step calls: DDP, FSDP2 or the model itself."""
+        r, d = self.recipe, self.dist
+        if r.train.parallel == "fsdp" and d.enabled:
+            if self._fsdp is None:
+                from .parallel import apply_fsdp
+
+                self._fsdp = apply_fsdp(self.model)
+            return self._fsdp
+        if d.enabled:
+            return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return self.model
+
+    def build_optimizer(self, params, stage):
+        if self.recipe.train.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=stage.weight_decay,
+                                     fused=self.device.type == "cuda")
+        from .optim import build_optimizer
+
+        return build_optimizer(params, kind=self.recipe.train.optimizer, lr=stage.lr, weight_decay=stage.weight_decay)
+
+    def run_stage(self, stage, resume: Path | None = None) -> list[dict]:
+        """Train one stage; ``resume`` is a checkpoint of this stage to continue from."""
         r, d = self.recipe, self.dist
         seed_everything(r.train.seed)
-        self.model.set_trainable(projector=True, llm=stage.train_llm)
+        self.prepare_stage(stage)
         data = self.build_dataset(stage)
         plan = self.plan(data, stage, epoch=0)
-        total = plan.num_steps * stage.epochs
-        if stage.max_steps is not None:
-            total = min(total, stage.max_steps)
+        per_epoch = plan.num_steps
+        total = per_epoch * stage.epochs if stage.max_steps is None else min(per_epoch * stage.epochs, stage.max_steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if d.enabled else self.model
-        opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=stage.weight_decay)
-        bar = tqdm(total=total, desc=stage.name, disable=not self.show_progress, dynamic_ncols=True)
+        module = self.wrap(stage)
+        opt = self.build_optimizer(params, stage)
+        start, nonfinite = 0, 0
+        if resume is not None:
+            state = checkpoint.load_checkpoint(resume, module, opt, d)
+            start, nonfinite, self.samples_seen = state.step, state.nonfinite_in_a_row, state.samples_seen
+        bar = tqdm(total=total, initial=start, desc=stage.name, disable=not self.show_progress, dynamic_ncols=True)
         history = []
-        step = 0
-        for epoch in range(stage.epochs):
+        step = start
+        while step < total:
+            epoch, first = divmod(step, per_epoch)
             if epoch:
                 plan = self.plan(data, stage, epoch=epoch)
-            loader = self._loader(data, plan, data.lengths, min(plan.num_steps, total - step))
-            for mbs in loader:
+            count = min(per_epoch, total - epoch * per_epoch) - first
+            for k, mbs in enumerate(self._loader(data, plan, range(first, first + count))):
                 rec = self.train_step(module, opt, params, stage, mbs, step, total)
                 rec["epoch"] = epoch
+                if rec["skipped"]:
+                    nonfinite += 1
+                    self._log_nonfinite(stage, data, plan, first + k, step, rec)
+                else:
+                    nonfinite = 0
                 history.append(rec)
                 if d.is_main and step % r.train.log_every == 0:
                     with open(self.metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}))
                 bar.update(1)
                 step += 1
-                if step >= total:
-                    break
-            if step >= total:
-                break
+                state = checkpoint.TrainerState(stage.name, step, step >= total, self.samples_seen, nonfinite)
+                if nonfinite > r.train.max_nonfinite_in_a_row:
+                    self.save(module, opt, state)
+                    raise NonFiniteError(
+                        f"{stage.name}: {nonfinite} steps in a row had a non-finite loss or gradient norm "
+                        f"(limit train.max_nonfinite_in_a_row={r.train.max_nonfinite_in_a_row}); a checkpoint was "
+                        f"saved at step {step}; the sample ids of each skipped step are in "
+                        f"{self.out / 'nonfinite_steps.jsonl'}. Lower the learning rate or check those samples.")
+                if self._preempted():
+                    self.save(module, opt, state)
+                    raise Preempted(f"SIGTERM: checkpoint saved at {stage.name} step {step}; continue with --resume")
+                if step < total and r.train.checkpoint_every and step % r.train.checkpoint_every == 0:
+                    self.save(module, opt, state)
         bar.close()
-        self.save_checkpoint(stage, opt, step)
+        self.save(module, opt, checkpoint.TrainerState(stage.name, step, True, self.samples_seen, nonfinite))
         return history
 
-    def _loader(self, data: StageDataset, plan, lengths, num_steps: int):
+    def save(self, module, opt, state: checkpoint.TrainerState) -> Path:
+        return checkpoint.save_checkpoint(self.out / "checkpoints", module, opt, state, self.dist,
+                                          keep=self.recipe.train.keep_checkpoints)
+
+    def _preempted(self) -> bool:
+        """Whether any rank got SIGTERM (all ranks must agree to save together)."""
+        flag = torch.tensor([1.0 if self._sigterm else 0.0], device=self.device)
+        return bool(distributed.all_reduce_sum(flag, self.dist).item() > 0)
+
+    def _log_nonfinite(self, stage, data: StageDataset, plan, step_in_epoch: int, step: int, rec: dict) -> None:
+        if not self.dist.is_main:
+            return
+        ids = [data.items[int(i)].id for i in plan.step_samples(step_in_epoch)]
+        with open(self.out / "nonfinite_steps.jsonl", "a") as f:
+            f.write(json.dumps({"stage": stage.name, "step": step, "loss": rec["loss"],
+                                "grad_norm": rec["grad_norm"], "sample_ids": ids}) + "\n")
+        warnings.warn(f"{stage.name} step {step}: non-finite loss/grad norm, step skipped "
+                      f"(samples: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''})", stacklevel=2)
+
+    def _loader(self, data: StageDataset, plan, steps: range):
         """Yields, per step, the list of this rank's micro-batches (built in DataLoader workers)."""
-        per_step = [self.micro_batches(plan, lengths, s) for s in range(num_steps)]
+        per_step = [self.micro_batches(plan, data.lengths, s) for s in steps]
         flat = [mb for mbs in per_step for mb in mbs]
         ds = MicroBatches(data, flat, packed=self.recipe.train.packing)
         nw = self.recipe.data.num_workers
@@ -197,6 +325,24 @@ class Trainer:
         for mbs in per_step:
             yield [next(it) for _ in mbs]
 
+    def _micro_step(self, module, batch, normaliser):
+        """Forward and backward of one micro-batch; an out-of-memory error says what to lower."""
+        try:
+            with self.autocast:
+                loss = module(batch, normaliser)
+            loss.backward()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            text = str(exc)
+            if not (isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text
+                    or "can't allocate memory" in text):
+                raise
+            raise MicroBatchOOMError(
+                f"out of memory on a micro-batch of {batch.num_tokens} tokens ({len(batch.sample_ids)} samples; "
+                f"train.token_budget={self.recipe.train.token_budget}). Lower it, e.g. --token-budget "
+                f"{max(16, self.recipe.train.token_budget // 2)}, or turn on --set train.activation_checkpointing=true"
+            ) from exc
+        return loss.detach()
+
     def train_step(self, module, opt, params, stage, batches, step: int, total: int) -> dict:
         d = self.dist
         t0 = time.perf_counter()
@@ -204,44 +350,47 @@ class Trainer:
         # The loss normaliser: target tokens of the whole global batch, counted and reduced on device.
         local_targets = torch.stack([b.num_targets for b in batches]).sum().float()
         global_targets = distributed.all_reduce_sum(local_targets.clone(), d)
-        # DDP averages gradients over ranks; dividing by global/world makes the result a global mean.
+        # DDP/FSDP average gradients over ranks; dividing by global/world makes the result a global mean.
         normaliser = (global_targets / d.world_size).clamp(min=1.0)
         lr = lr_at(step, total, stage.lr, stage.warmup_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for i, b in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if (last or not d.enabled) else module.no_sync()
-            with sync, self.autocast:
-                loss = module(b, normaliser)
-            loss.backward()
-            loss_sum += loss.detach()
+            with gradient_sync(module, enabled=i == len(batches) - 1):
+                loss_sum += self._micro_step(module, b, normaliser)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         step_loss = distributed.all_reduce_sum(loss_sum, d) / d.world_size
-        real = torch.tensor(float(sum(int(b.cu_seqlens[-1]) if hasattr(b, "cu_seqlens") else
-                                      int(b.attention_mask.sum()) for b in batches)), device=self.device)
-        computed = torch.tensor(float(sum(b.num_tokens for b in batches)), device=self.device)
-        n_samples = torch.tensor(float(sum(len(b.sample_ids) for b in batches)), device=self.device)
-        stats = distributed.all_reduce_sum(torch.stack([real, computed, n_samples]), d).tolist()
+        finite = bool(torch.isfinite(step_loss).item() and torch.isfinite(grad_norm).item())
+        if finite:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        f64 = dict(device=self.device, dtype=torch.float64)
+        lens = torch.cat([b.cu_seqlens.diff() if hasattr(b, "cu_seqlens") else b.attention_mask.sum(1)
+                          for b in batches]).to(torch.float64)
+        stats = torch.stack([
+            lens.sum(), (lens ** 2).sum(),
+            torch.tensor(float(sum(b.num_tokens for b in batches)), **f64),
+            torch.tensor(float(sum(len(b.sample_ids) for b in batches)), **f64),
+            torch.tensor(float(sum(0 if b.pixel_values is None else b.pixel_values.shape[0] for b in batches)), **f64),
+        ])
+        real, len_sq, computed, n_samples, n_images = distributed.all_reduce_sum(stats, d).tolist()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        self.samples_seen += int(stats[2])
+        self.samples_seen += int(n_samples)
+        flops = self.flops.step(real, len_sq, n_images, stage.train_llm)
+        peak = flops_lib.peak_flops(self.device)
         return {
             "step": step, "stage": stage.name, "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-            "tokens": int(stats[0]), "tokens_per_s": stats[0] / dt, "padding_efficiency": stats[0] / stats[1],
-            "micro_batches": len(batches), "samples_seen": self.samples_seen, "step_time_s": dt,
-            "target_tokens": int(global_targets.item()),
+            "skipped": not finite, "tokens": int(real), "tokens_per_s": real / dt,
+            "samples_per_s": n_samples / dt, "padding_efficiency": real / computed, "micro_batches": len(batches),
+            "samples_seen": self.samples_seen, "step_time_s": dt, "target_tokens": int(global_targets.item()),
+            "tflops_per_device": flops / dt / d.world_size / 1e12,
+            "mfu": None if peak is None else flops / dt / d.world_size / peak,
         }
-
-    def save_checkpoint(self, stage, opt, step: int) -> None:
-        """End-of-stage checkpoint: the trainable parameters, the optimizer state and the step."""
-        if not self.dist.is_main:
-            return
-        trainable = {n: p.detach().cpu() for n, p in self.model.hf.named_parameters() if p.requires_grad}
-        torch.save({"stage": stage.name, "step": step, "model": trainable, "optimizer": opt.state_dict()},
-                   self.out / stage.name / "checkpoint.pt")
 
     def export(self) -> Path:
         dest = self.out / "export"
@@ -275,6 +424,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-skip-fraction", type=float, default=None, help="fail when more samples are bad (0.01)")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run, e.g. stage2")
     p.add_argument("--kernel-backend", default=None, choices=["auto", "triton", "torch"])
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N optimizer steps")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any recipe field, e.g. --set stage2.lr=1e-4 --set train.dtype=fp32 (TOML value syntax)")
@@ -300,6 +451,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         "data.max_skip_fraction": args.max_skip_fraction, "train.seed": args.seed,
         "train.token_budget": args.token_budget, "train.packing": False if args.no_packing else None,
         "train.kernel_backend": args.kernel_backend, "stages.max_steps": args.max_steps,
+        "train.checkpoint_every": args.checkpoint_every,
     }
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -320,8 +472,11 @@ def main(argv=None) -> int:
     info = distributed.init_distributed()
     try:
         trainer = Trainer(recipe, info, show_progress=not args.no_progress)
-        for stage in recipe.stages:
-            trainer.run_stage(stage)
+        try:
+            trainer.run(resume=args.resume)
+        except Preempted as exc:
+            print(exc, flush=True)
+            return 143  # 128 + SIGTERM, as the scheduler expects
         trainer.export()
     finally:
         distributed.close(info)
