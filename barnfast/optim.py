@@ -1,0 +1,99 @@
+"""Optimizers and low-precision training from torchao: 8-bit AdamW, float8 decoder linears.
+
+- ``adamw``: ``torch.optim.AdamW`` (``fused=True`` on CUDA: one kernel for all parameters).
+- ``adamw8bit``: ``torchao.optim.AdamW8bit``. Both Adam moments are stored as uint8 codes with one
+  fp32 scale per block of 256 values (2 + 8/256 bytes per parameter instead of 8), which for a 7B
+  LLM is 14 GB of optimizer state instead of 56 GB. torchao keeps fp32 moments for tensors under
+  4096 elements or not a multiple of the block (norms, biases). The update is ``torch.compile``d
+  per parameter shape: it runs on CPU tensors too (torchao 0.18), the first step pays compilation.
+- float8 (:func:`apply_float8`): ``torchao.float8.convert_to_float8_training`` swaps the decoder
+  layers' ``nn.Linear`` for ``Float8Linear`` (same parameter names, so checkpoints and the export
+  are unchanged): matmuls in float8 e4m3 with dynamic per-tensor scales, weights kept in their
+  dtype. Needs float8 tensor cores: CUDA compute capability >= 8.9 (Ada, Hopper: H100).
+
+torchao is imported only when one of these is asked for (it is an optional dependency, and its
+import loads CUDA extensions and prints warnings on machines without them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .model import LlavaVLM
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+FLOAT8_MIN_CAPABILITY = (8, 9)
+FLOAT8_DIM_MULTIPLE = 16  # float8 matmuls (torch._scaled_mm) need both dimensions divisible by 16
+
+
+def _import(module: str, option: str):
+    try:
+        import importlib
+
+        return importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure means the option cannot run; say why
+        raise RuntimeError(f"{option} needs torchao ({module}): {type(exc).__name__}: {exc}; "
+                           f"pip install torchao") from exc
+
+
+def build_optimizer(params, *, kind: str = "adamw", lr: float, weight_decay: float = 0.0,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """The optimizer named by ``train.optimizer`` over ``params`` (an iterable of tensors or groups)."""
+    params = list(params)
+    if kind == "adamw":
+        on_cuda = all(p.is_cuda for p in _tensors(params)) and torch.cuda.is_available()
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                                 fused=True if on_cuda else None)
+    if kind == "adamw8bit":
+        optim = _import("torchao.optim", "train.optimizer='adamw8bit'")
+        return optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"train.optimizer={kind!r}: expected one of {OPTIMIZERS}")
+
+
+def _tensors(params):
+    for p in params:
+        if isinstance(p, dict):
+            yield from p["params"]
+        else:
+            yield p
+
+
+def float8_supported() -> tuple[bool, str]:
+    """(True, "") where float8 training can run; else (False, the reason)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (float8 matmuls need compute capability >= 8.9: H100, L4, RTX 4090)"
+    cap = torch.cuda.get_device_capability()
+    if cap < FLOAT8_MIN_CAPABILITY:
+        return False, (f"{torch.cuda.get_device_name()} has compute capability {cap[0]}.{cap[1]}; float8 matmuls "
+                       f"need >= {FLOAT8_MIN_CAPABILITY[0]}.{FLOAT8_MIN_CAPABILITY[1]} (H100, L4, RTX 4090)")
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return False, f"import torchao.float8 failed: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def apply_float8(model: LlavaVLM) -> int:
+    """Swap the decoder layers' linears for torchao ``Float8Linear``; returns how many were swapped.
+
+    Not ``lm_head`` (fused into the cross-entropy kernel, and float8 logits hurt), not the projector
+    (small, trained from scratch in stage 1), not the frozen vision tower. Linears whose dimensions
+    are not multiples of 16 stay as they are. Apply before :func:`barnfast.parallel.apply_fsdp`.
+    Raises RuntimeError naming ``train.float8`` where float8 cannot run.
+    """
+    ok, why = float8_supported()
+    if not ok:
+        raise RuntimeError(f"train.float8=true cannot run here: {why}")
+    from torchao.float8 import Float8Linear, convert_to_float8_training
+
+    def eligible(mod: nn.Module, fqn: str) -> bool:
+        return (type(mod) is nn.Linear and mod.in_features % FLOAT8_DIM_MULTIPLE == 0
+                and mod.out_features % FLOAT8_DIM_MULTIPLE == 0)
+
+    layers = model.language_model.layers
+    count = lambda: sum(isinstance(m, Float8Linear) for m in layers.modules())  # noqa: E731
+    before = count()
+    for layer in layers:
+        convert_to_float8_training(layer, module_filter_fn=eligible)
+    return count() - before
