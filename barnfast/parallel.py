@@ -65,7 +65,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .model import LlavaVLM
 
-
 # -- FSDP2 --------------------------------------------------------------------------------------
 
 
