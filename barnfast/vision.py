@@ -35,7 +35,7 @@ def _family_classes(family: str) -> tuple[type, type, type]:
         # transformers 5 ships a PIL image processor; CLIPImageProcessor itself wants torchvision
         # and only falls back (with a warning) without it. The saved config names
         # "CLIPImageProcessor" either way.
-        processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+        processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
         return transformers.CLIPVisionConfig, transformers.CLIPVisionModel, processor
     raise ValueError(f"unknown vision family {family!r}; known: clip")
 
@@ -67,11 +67,17 @@ class VisionTower:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"{self.name}: image_size {self.image_size} not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"{self.name}: image_size {self.image_size} not a multiple of patch_size {self.patch_size}"
+            )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} not a multiple of num_heads {self.num_heads}")
+            raise ValueError(
+                f"{self.name}: hidden_size {self.hidden_size} not a multiple of num_heads {self.num_heads}"
+            )
         if not -(self.num_layers + 1) <= self.feature_layer <= self.num_layers:
-            raise ValueError(f"{self.name}: feature_layer {self.feature_layer} outside hidden_states of {self.num_layers} layers")
+            raise ValueError(
+                f"{self.name}: feature_layer {self.feature_layer} outside hidden_states of {self.num_layers} layers"
+            )
 
     @property
     def num_tokens(self) -> int:

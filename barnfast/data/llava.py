@@ -108,7 +108,9 @@ def validate_sample(sample: Sample) -> None:
     placeholders = 0
     for i, turn in enumerate(sample.conversations):
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            raise SampleError(f"sample {sample.id}: turn {i} must be {{'from': 'human'|'gpt', 'value': str}}, got {turn!r}")
+            raise SampleError(
+                f"sample {sample.id}: turn {i} must be {{'from': 'human'|'gpt', 'value': str}}, got {turn!r}"
+            )
         if turn["from"] == "human":
             placeholders += turn["value"].count(IMAGE_PLACEHOLDER)
     if sample.conversations[0]["from"] != "human":

@@ -87,7 +87,13 @@ SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 
 _SPLITS = {"stage1": 1, "stage2": 2, "eval_open": 3, "eval_mc": 4, "eval_yesno": 5}
-_IMAGE_PREFIX = {"stage1": "s1", "stage2": "s2", "eval_open": "eval_open", "eval_mc": "eval_mc", "eval_yesno": "eval_yesno"}
+_IMAGE_PREFIX = {
+    "stage1": "s1",
+    "stage2": "s2",
+    "eval_open": "eval_open",
+    "eval_mc": "eval_mc",
+    "eval_yesno": "eval_yesno",
+}
 DEFAULTS = dict(num_stage1=512, num_stage2=512, num_eval=100, image_size=64, seed=0)
 PROGRESS_MIN_IMAGES = 5000  # below this, generation takes a few seconds and a bar is noise
 
@@ -188,7 +194,10 @@ def _open_question(scene: dict, category: str, rng: np.random.Generator) -> str:
     noun, be = _noun(scene), "is" if scene["count"] == 1 else "are"
     templates = {
         "colour": (f"What colour {be} the {noun}?", "What colour are the shapes in the image?"),
-        "shape": (f"What shape {be} the {'object' if scene['count'] == 1 else 'objects'}?", "What kind of shape is in the image?"),
+        "shape": (
+            f"What shape {be} the {'object' if scene['count'] == 1 else 'objects'}?",
+            "What kind of shape is in the image?",
+        ),
         "count": (f"How many {scene['shape']}s are there?", "How many shapes are in the image?"),
         "position": (f"Where {be} the {noun}?", "In which part of the image are the shapes?"),
     }[category]
@@ -211,9 +220,9 @@ def _yesno_question(scene: dict, category: str, value: str) -> str:
         return f"Is there a {value} in the image?"
     if category == "count":
         n = int(value)
-        return f"Is there exactly {NUMBER_WORDS[n]} shape in the image?" if n == 1 else (
-            f"Are there exactly {NUMBER_WORDS[n]} shapes in the image?"
-        )
+        if n == 1:
+            return "Is there exactly one shape in the image?"
+        return f"Are there exactly {NUMBER_WORDS[n]} shapes in the image?"
     return f"Are the shapes {POSITION_PHRASES[value]} of the image?"
 
 
@@ -322,7 +331,7 @@ def _stage2(index: int, seed: int, size: int, out: Path) -> dict:
     _save_png(draw_scene(scene, size, rng), out / image)
     num_turns = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
     conversations = []
-    for turn in range(num_turns):
+    for _ in range(num_turns):
         question, answer = _qa_turn(scene, rng)
         conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     first = conversations[0]["value"]
