@@ -1,0 +1,158 @@
+"""Evaluation files → :class:`EvalItem` lists. Local files only; nothing is downloaded.
+
+Formats (``--format``; ``auto`` tells them apart by their fields):
+
+- ``synthetic``: barnfast's built-in ``eval_{open,mc,yesno}.jsonl`` (``question_id, image, prompt,
+  answer, answers, options, category, task``); images relative to the file's folder.
+- ``pope``: POPE's own question files (``coco_pope_{random,popular,adversarial}.json``, one JSON
+  object per line: ``question_id, image, text, label`` yes/no); images under ``--image-root`` (COCO
+  val2014). The prompt is LLaVA-1.5's: the question + "Answer the question using a single word or
+  phrase."; the category is the file's subset (``adversarial`` ...).
+- ``scienceqa``: ScienceQA's ``problems.json`` (``{pid: {question, choices, answer, hint, image,
+  split, subject, ...}}``) with ``--split test`` (default); only problems with an image (the IMG
+  subset, 2,017 of the 4,241 test items), images at ``<image-root>/<split>/<pid>/image.png``. The
+  prompt is LLaVA-1.5's: ``Context: {hint}\\n{question}\\nA. ...\\nB. ...\\nAnswer with the option's
+  letter from the given choices directly.``; the category is the subject.
+- ``llava``: a generic LLaVA-style question file (JSONL or a JSON list) with ``question_id``,
+  ``image`` (optional), ``text`` or ``prompt``, and the reference in ``answer`` / ``answers`` /
+  ``label``; ``options`` (``{"A": ...}``) makes an item multiple choice, an answer of yes/no makes it
+  yes/no, anything else is an open answer. ``category`` is optional. Images under ``--image-root``
+  (default: the file's folder).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
+FORMATS = ("auto", "synthetic", "pope", "scienceqa", "llava")
+TASKS = ("open", "mc", "yesno")
+
+
+@dataclass
+class EvalItem:
+    """One question. ``answer``: the canonical reference (a letter for mc, yes/no for yesno);
+    ``answers``: all annotators' answers (open; VQA accuracy when there are several)."""
+
+    id: str
+    task: str  # open | mc | yesno
+    category: str
+    prompt: str  # text after the image placeholder
+    answer: str
+    image: Path | None = None
+    answers: list[str] = field(default_factory=list)
+    options: dict[str, str] | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"item {self.id}: task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "mc" and (not self.options or self.answer not in self.options):
+            raise ValueError(f"item {self.id}: a multiple-choice item needs options containing its answer")
+        if self.task == "yesno" and self.answer not in ("yes", "no"):
+            raise ValueError(f"item {self.id}: a yes/no item's answer must be yes or no, got {self.answer!r}")
+
+
+def _read_records(path: Path) -> list | dict:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("[") or (stripped.startswith("{") and path.suffix == ".json" and "\n{" not in stripped):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def detect_format(records: list | dict) -> str:
+    if isinstance(records, dict):
+        first = next(iter(records.values()), {})
+        if isinstance(first, dict) and "choices" in first:
+            return "scienceqa"
+        raise ValueError("a JSON object file is read as ScienceQA problems.json, but its entries have no 'choices'")
+    if not records:
+        raise ValueError("empty evaluation file")
+    first = records[0]
+    if "task" in first and "prompt" in first:
+        return "synthetic"
+    if "label" in first and "text" in first:
+        return "pope"
+    return "llava"
+
+
+def _yes_no(text: str) -> str:
+    t = str(text).strip().lower()
+    if t not in ("yes", "no"):
+        raise ValueError(f"expected a yes/no label, got {text!r}")
+    return t
+
+
+def load_items(path: str | Path, fmt: str = "auto", image_root: str | Path | None = None,
+               split: str = "test", limit: int | None = None) -> list[EvalItem]:
+    """The items of an evaluation file (the first ``limit`` when given)."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    records = _read_records(path)
+    fmt = detect_format(records) if fmt == "auto" else fmt
+    root = Path(image_root) if image_root else path.parent
+    if fmt == "scienceqa":
+        items = _scienceqa(records, root, split)
+    else:
+        if isinstance(records, dict):
+            raise ValueError(f"format {fmt!r} expects one record per line or a JSON list")
+        items = {"synthetic": _synthetic, "pope": _pope, "llava": _llava}[fmt](records, root, path)
+    return items[:limit] if limit is not None else items
+
+
+def _synthetic(records, root: Path, path: Path) -> list[EvalItem]:
+    return [EvalItem(id=str(r["question_id"]), task=r["task"], category=r["category"], prompt=r["prompt"],
+                     answer=str(r["answer"]), image=root / r["image"] if r.get("image") else None,
+                     answers=[str(a) for a in r.get("answers", [r["answer"]])], options=r.get("options"))
+            for r in records]
+
+
+def _pope(records, root: Path, path: Path) -> list[EvalItem]:
+    subset = path.stem.rsplit("_", 1)[-1] if "_" in path.stem else path.stem  # coco_pope_adversarial → adversarial
+    return [EvalItem(id=str(r["question_id"]), task="yesno", category=str(r.get("category", subset)),
+                     prompt=f"{r['text'].strip()}\n{SHORT_ANSWER}", answer=_yes_no(r["label"]),
+                     image=root / r["image"], answers=[_yes_no(r["label"])]) for r in records]
+
+
+def _scienceqa(problems: dict, root: Path, split: str) -> list[EvalItem]:
+    items = []
+    for pid, p in problems.items():
+        if p.get("split") != split or not p.get("image"):
+            continue
+        letters = [chr(ord("A") + i) for i in range(len(p["choices"]))]
+        options = dict(zip(letters, p["choices"]))
+        lines = "\n".join(f"{k}. {v}" for k, v in options.items())
+        context = f"Context: {p['hint']}\n" if p.get("hint") else ""
+        prompt = f"{context}{p['question']}\n{lines}\n{LETTER_ANSWER}"
+        items.append(EvalItem(id=str(pid), task="mc", category=str(p.get("subject", "scienceqa")), prompt=prompt,
+                              answer=letters[int(p["answer"])], image=root / split / str(pid) / p["image"],
+                              answers=[letters[int(p["answer"])]], options=options))
+    return items
+
+
+def _llava(records, root: Path, path: Path) -> list[EvalItem]:
+    items = []
+    for r in records:
+        prompt = r.get("text", r.get("prompt"))
+        if prompt is None:
+            raise ValueError(f"{path}: record {r.get('question_id')} has neither 'text' nor 'prompt'")
+        answers = r.get("answers") or [r.get("answer", r.get("label"))]
+        if answers[0] is None:
+            raise ValueError(f"{path}: record {r.get('question_id')} has no 'answer', 'answers' or 'label'")
+        answers = [str(a["answer"]) if isinstance(a, dict) else str(a) for a in answers]
+        answer = str(r.get("answer", answers[0]))
+        options = r.get("options")
+        task = "mc" if options else ("yesno" if answer.strip().lower() in ("yes", "no") else "open")
+        if task == "yesno":
+            answer = answer.strip().lower()
+        items.append(EvalItem(id=str(r["question_id"]), task=task, category=str(r.get("category", "all")),
+                              prompt=prompt, answer=answer, image=root / r["image"] if r.get("image") else None,
+                              answers=answers, options=options))
+    return items
