@@ -115,10 +115,11 @@ def _scene(rng: np.random.Generator) -> dict:
 
 
 def _layout(position: str, count: int) -> list[tuple[float, float]]:
-    """Object centres as fractions of the image side. Left/right groups stand in a column in the
-    outer fifth, top/bottom groups in a row, the centre group in a compact cluster, so every
-    object's position word is unambiguous."""
-    offsets = [(i - (count - 1) / 2) * 0.22 for i in range(count)]
+    """Object centres as fractions of the image side. Left/right groups stand in a column at 0.2 /
+    0.8, top/bottom groups in a row, the centre group in a compact cluster, so the position word is
+    unambiguous. Centres are >= 0.24 apart and jitter is <= 0.015 per axis while the largest shape
+    is 0.176 across, so objects never touch (>= 2 px apart at 64 px) and can be counted."""
+    offsets = [(i - (count - 1) / 2) * 0.24 for i in range(count)]
     if position in ("left", "right"):
         x = 0.2 if position == "left" else 0.8
         return [(x, 0.5 + o) for o in offsets]
@@ -127,9 +128,9 @@ def _layout(position: str, count: int) -> list[tuple[float, float]]:
         return [(0.5 + o, y) for o in offsets]
     cluster = {
         1: [(0.5, 0.5)],
-        2: [(0.39, 0.5), (0.61, 0.5)],
-        3: [(0.39, 0.4), (0.61, 0.4), (0.5, 0.6)],
-        4: [(0.39, 0.39), (0.61, 0.39), (0.39, 0.61), (0.61, 0.61)],
+        2: [(0.38, 0.5), (0.62, 0.5)],
+        3: [(0.38, 0.39), (0.62, 0.39), (0.5, 0.61)],
+        4: [(0.38, 0.38), (0.62, 0.38), (0.38, 0.62), (0.62, 0.62)],
     }
     return cluster[count]
 
@@ -159,10 +160,10 @@ def draw_scene(scene: dict, size: int, rng: np.random.Generator) -> PIL.Image.Im
     draw = PIL.ImageDraw.Draw(img)
     base = np.array(COLOURS[scene["colour"]])
     fill = tuple(int(v) for v in np.clip(base + rng.integers(-15, 16, size=3), 0, 255))
-    radius = size * 0.09 * float(rng.uniform(0.9, 1.1))
+    radius = size * 0.08 * float(rng.uniform(0.9, 1.1))
     for fx, fy in _layout(scene["position"], scene["count"]):
-        cx = (fx + float(rng.uniform(-0.02, 0.02))) * size
-        cy = (fy + float(rng.uniform(-0.02, 0.02))) * size
+        cx = (fx + float(rng.uniform(-0.015, 0.015))) * size
+        cy = (fy + float(rng.uniform(-0.015, 0.015))) * size
         if scene["shape"] == "circle":
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
         else:
@@ -369,7 +370,10 @@ def _eval_record(task: str, index: int, category: str, answer_yes: bool, seed: i
 def _eval_plan(task: str, num: int, seed: int) -> list[tuple[str, bool]]:
     """(category, answer_yes) per record: categories balanced (within one), and for yes/no the
     answers balanced within every category; the order is shuffled so neither follows the index."""
-    plan = [(CATEGORIES[(i // 2) % len(CATEGORIES)], i % 2 == 0) for i in range(num)]
+    # Index i: category i % 4; yes/no alternates inside every block of 4 and, per category, from
+    # block to block, so both the overall and the per-category counts differ by at most one.
+    k = len(CATEGORIES)
+    plan = [(CATEGORIES[i % k], (i % k + i // k) % 2 == 0) for i in range(num)]
     order = np.random.default_rng([seed, _SPLITS[f"eval_{task}"], 1 << 30]).permutation(num)
     return [plan[int(i)] for i in order]
 
