@@ -17,9 +17,12 @@ import loads CUDA extensions and prints warnings on machines without them).
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn as nn
 
+from .errors import ConfigError
 from .model import LlavaVLM
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -29,8 +32,6 @@ FLOAT8_DIM_MULTIPLE = 16  # float8 matmuls (torch._scaled_mm) need both dimensio
 
 def _import(module: str, option: str):
     try:
-        import importlib
-
         return importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - any import failure means the option cannot run; say why
         raise RuntimeError(f"{option} needs torchao ({module}): {type(exc).__name__}: {exc}; "
@@ -48,7 +49,7 @@ def build_optimizer(params, *, kind: str = "adamw", lr: float, weight_decay: flo
     if kind == "adamw8bit":
         optim = _import("torchao.optim", "train.optimizer='adamw8bit'")
         return optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"train.optimizer={kind!r}: expected one of {OPTIMIZERS}")
+    raise ConfigError(f"train.optimizer={kind!r}: expected one of {OPTIMIZERS}")
 
 
 def _tensors(params):
@@ -74,18 +75,23 @@ def float8_supported() -> tuple[bool, str]:
     return True, ""
 
 
-def apply_float8(model: LlavaVLM) -> int:
+def apply_float8(model: LlavaVLM, *, emulate: bool = False) -> int:
     """Swap the decoder layers' linears for torchao ``Float8Linear``; returns how many were swapped.
 
     Not ``lm_head`` (fused into the cross-entropy kernel, and float8 logits hurt), not the projector
     (small, trained from scratch in stage 1), not the frozen vision tower. Linears whose dimensions
-    are not multiples of 16 stay as they are. Apply before :func:`barnfast.parallel.apply_fsdp`.
-    Raises RuntimeError naming ``train.float8`` where float8 cannot run.
+    are not multiples of 16 stay as they are. The packed length T is the inner dimension of the
+    weight-gradient matmul and is rarely a multiple of 16: ``pad_inner_dim`` pads it (one copy).
+    Apply before :func:`barnfast.parallel.apply_fsdp`. Raises RuntimeError naming ``train.float8``
+    where float8 cannot run. ``emulate``: float8 rounding with high-precision matmuls, on any device
+    (tests; no speed-up).
     """
     ok, why = float8_supported()
-    if not ok:
+    if not ok and not emulate:
         raise RuntimeError(f"train.float8=true cannot run here: {why}")
-    from torchao.float8 import Float8Linear, convert_to_float8_training
+    f8 = _import("torchao.float8", "train.float8")
+    Float8Linear = _import("torchao.float8.float8_linear", "train.float8").Float8Linear  # not re-exported (0.18)
+    config = f8.Float8LinearConfig(pad_inner_dim=True, emulate=emulate)
 
     def eligible(mod: nn.Module, fqn: str) -> bool:
         return (type(mod) is nn.Linear and mod.in_features % FLOAT8_DIM_MULTIPLE == 0
@@ -95,5 +101,5 @@ def apply_float8(model: LlavaVLM) -> int:
     count = lambda: sum(isinstance(m, Float8Linear) for m in layers.modules())  # noqa: E731
     before = count()
     for layer in layers:
-        convert_to_float8_training(layer, module_filter_fn=eligible)
+        f8.convert_to_float8_training(layer, module_filter_fn=eligible, config=config)
     return count() - before

@@ -1,0 +1,127 @@
+"""Optimizers (AdamW, torchao 8-bit AdamW) and float8 training of the decoder linears."""
+
+import copy
+
+import pytest
+import torch
+
+from barnfast.errors import ConfigError
+from barnfast.optim import apply_float8, build_optimizer, float8_supported
+from tests.model_utils import grads, make_samples, packed, tiny_model
+from tests.utils import requires_cuda
+
+SHAPE = (256, 64)  # 16384 values: a multiple of torchao's 256-value block, above its 4096-value 8-bit threshold
+LR = 1e-2
+STEPS = 5
+
+
+def _quadratic_run(kind: str):
+    """STEPS optimizer steps on sum((w - target)^2); returns the losses, the final w and the optimizer."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(SHAPE, generator=g)
+    w = torch.nn.Parameter(torch.randn(SHAPE, generator=g))
+    opt = build_optimizer([w], kind=kind, lr=LR, weight_decay=0.01)
+    losses = []
+    for _ in range(STEPS):
+        loss = ((w - target) ** 2).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, w.detach(), opt
+
+
+def _state_bytes(opt) -> int:
+    """Bytes of the optimizer's per-parameter state, counting a tensor subclass by its inner tensors."""
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if not isinstance(v, torch.Tensor) or v.ndim == 0:
+                continue  # the step counter
+            if hasattr(v, "__tensor_flatten__"):
+                total += sum(getattr(v, n).numel() * getattr(v, n).element_size() for n in v.__tensor_flatten__()[0])
+            else:
+                total += v.numel() * v.element_size()
+    return total
+
+
+def test_adamw_steps_reduce_a_quadratic():
+    losses, _, opt = _quadratic_run("adamw")
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert isinstance(opt, torch.optim.AdamW)
+    assert not opt.param_groups[0]["fused"]  # fused only on CUDA
+
+
+def test_unknown_optimizer_names_the_option():
+    with pytest.raises(ConfigError, match="train.optimizer='sgd'"):
+        build_optimizer([torch.nn.Parameter(torch.ones(2))], kind="sgd", lr=1e-3)
+
+
+def test_adamw8bit_runs_on_cpu_tracks_adamw_with_a_quarter_of_the_state():
+    """torchao 0.18's AdamW8bit runs on CPU tensors (its update is torch.compiled on any device)."""
+    losses8, w8, opt8 = _quadratic_run("adamw8bit")
+    losses32, w32, opt32 = _quadratic_run("adamw")
+    assert type(opt8).__name__ == "AdamW8bit"
+    assert all(b < a for a, b in zip(losses8, losses8[1:])), losses8
+    # Moments as uint8 codes + one fp32 scale per 256 values: (1 + 4/256)/4 of fp32, plus 256-entry qmaps.
+    ratio = _state_bytes(opt8) / _state_bytes(opt32)
+    assert 0.25 < ratio < 0.27, ratio
+    # Same trajectory within the 8-bit moments' rounding (observed: mean 0.9%, max 9.5% of the distance
+    # travelled; the worst elements are those with the smallest second moment in their block).
+    moved = STEPS * LR
+    diff = (w8 - w32).abs()
+    assert diff.mean().item() < 0.02 * moved and diff.max().item() < 0.15 * moved, (diff.mean(), diff.max())
+    assert losses8 == pytest.approx(losses32, rel=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: see test_float8_trains_on_h100")
+def test_float8_refused_without_cuda_naming_the_option():
+    ok, why = float8_supported()
+    assert not ok and "no CUDA device" in why
+    model, _ = tiny_model("llama3-tiny")
+    with pytest.raises(RuntimeError, match="train.float8") as err:
+        apply_float8(model)
+    assert why in str(err.value)
+    assert not any(type(m).__name__ == "Float8Linear" for m in model.modules())  # nothing half-converted
+
+
+def _float8_vs_reference(device: str, dtype: torch.dtype, emulate: bool):
+    model, _ = tiny_model("llama3-tiny")
+    model = model.to(device=device, dtype=dtype)
+    model.set_trainable(projector=True, llm=True)
+    ref = copy.deepcopy(model)
+    keys = list(model.hf.state_dict().keys())
+    n = apply_float8(model, emulate=emulate)
+    layers = model.language_model.layers
+    assert n == 7 * len(layers)  # q, k, v, o, gate, up, down: all dimensions multiples of 16
+    assert all(type(m).__name__ == "Float8Linear" for layer in layers for m in layer.modules()
+               if isinstance(m, torch.nn.Linear))
+    assert type(model.lm_head) is torch.nn.Linear and type(model.projector.linear_1) is torch.nn.Linear
+    assert list(model.hf.state_dict().keys()) == keys
+    batch = packed(make_samples(model, [1, 0, 2], [7, 33, 12])).to(device)  # T = 100: not a multiple of 16
+    loss, loss_ref = model(batch), ref(batch)
+    loss.backward()
+    loss_ref.backward()
+    g, g_ref = grads(model), grads(ref)
+    assert g.keys() == g_ref.keys()
+    rel = {k: ((g[k].float() - g_ref[k].float()).norm() / g_ref[k].float().norm()).item()
+           for k in g if ".layers." in k and k.endswith("proj.weight")}
+    return loss.item(), loss_ref.item(), rel
+
+
+def test_float8_conversion_numerics_emulated_on_any_device():
+    """The conversion path (which linears, same keys, T not a multiple of 16) with emulated float8."""
+    loss, loss_ref, rel = _float8_vs_reference("cpu", torch.float32, emulate=True)
+    assert loss == pytest.approx(loss_ref, rel=1e-3)
+    # e4m3 activations/weights, e5m2 gradients (2 mantissa bits): observed 0.06-0.11 relative norm error.
+    assert all(1e-4 < r < 0.25 for r in rel.values()), rel
+
+
+@requires_cuda
+def test_float8_trains_on_h100():
+    ok, why = float8_supported()
+    if not ok:
+        pytest.skip(f"float8 training unavailable: {why}")
+    loss, loss_ref, rel = _float8_vs_reference("cuda", torch.bfloat16, emulate=False)
+    assert loss == pytest.approx(loss_ref, rel=1e-2)
+    assert all(1e-4 < r < 0.3 for r in rel.values()), rel
