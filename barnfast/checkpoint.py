@@ -48,6 +48,8 @@ from . import distributed
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Loading sets the trainable parameters only; dcp.load itself fails if the checkpoint lacks any of them.
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 @dataclass
@@ -117,7 +119,8 @@ def _finalize(tmp: Path, final: Path, root: Path) -> None:
 
 def _prune(root: Path, keep: int) -> None:
     latest = (root / LATEST).read_text().strip()
-    done = sorted((p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).exists()), key=lambda p: p.stat().st_mtime)
+    done = [p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).exists()]
+    done.sort(key=lambda p: p.stat().st_mtime)
     for old in done[:-keep] if keep > 0 else []:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
@@ -151,9 +154,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if optimizer is not None:
         payload["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
     dcp.load(payload, checkpoint_id=path, no_dist=not info.enabled)
-    set_model_state_dict(model, payload["model"], options=_OPTIONS)
+    set_model_state_dict(model, payload["model"], options=_LOAD_OPTIONS)
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, payload["optim"], options=_OPTIONS)
+        set_optimizer_state_dict(model, optimizer, payload["optim"], options=_LOAD_OPTIONS)
     if restore_rng:
         rng = path / f"rng_rank{info.rank}.pt"
         if rng.exists():

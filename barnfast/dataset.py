@@ -20,9 +20,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .batch import PackedBatch, PaddedBatch, collate_packed, collate_padded
-from .chat import count_image_placeholders, encode_conversation
+from .chat import encode_conversation
 from .data.images import load_image
-from .data.llava import Sample
+from .data.llava import Sample, validate_sample
 from .errors import SampleError
 from .vision import VisionTower
 
@@ -65,9 +65,7 @@ class StageDataset:
         root = Path(image_root)
         for s in tqdm(samples, desc=f"encode ({template})", disable=not show_progress, mininterval=1.0):
             try:
-                n_placeholders = count_image_placeholders(s.conversations)
-                if template != "plain" and n_placeholders != len(s.images):
-                    raise SampleError(f"{n_placeholders} <image> placeholder(s) but {len(s.images)} image(s)")
+                validate_sample(s)  # structure, roles, an assistant turn, placeholders == images
                 if template == "plain" and len(s.images) != 1:
                     raise SampleError(f"stage-1 caption samples need exactly one image, got {len(s.images)}")
                 paths = [root / p for p in s.images]

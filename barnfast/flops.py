@@ -11,7 +11,8 @@ included) with ``I`` images:
 - decoder, frozen (stage 1): the backward still computes input gradients, not weight gradients:
   4 · N_dec · ΣL_i + attention 6 · n_layers · d · ΣL_i² (the attention backward has no weights)
 - projector: 6 · N_proj · (visual tokens)
-- vision tower, frozen, forward only: 2 · N_vis · I · (patches + 1) + attention 4 · n_vis_layers · d_vis · I · (patches+1)²
+- vision tower, frozen, forward only: 2 · N_vis · I · (patches + 1)
+  + attention 4 · n_vis_layers · d_vis · I · (patches + 1)²
 
 MFU = step FLOPs / (step time × peak dense bf16 FLOP/s of one device × devices).
 """

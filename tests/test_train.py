@@ -82,6 +82,7 @@ def bad_data(tmp_path):
         Sample("no_answer", ["ok.png"], [{"from": "human", "value": "<image>\nHi"}]),
         Sample("too_long", ["ok.png"], [good[0], {"from": "gpt", "value": "red " * 400}]),
         Sample("placeholders", ["ok.png", "ok.png"], good),
+        Sample("malformed", ["ok.png"], [], error="'conversations' must be a list, got str"),
     ]
     bb = backbones.from_name("llama1-tiny")
     tok = bb.load_tokenizer()
@@ -100,17 +101,17 @@ def test_bad_samples_are_skipped_counted_and_named(bad_data):
     ds = _dataset(bad_data, max_skip_fraction=0.5)
     assert len(ds) == 6
     reasons = {json.loads(x)["id"]: json.loads(x)["reason"] for x in (bad_data[3] / "skipped.jsonl").open()}
-    assert set(reasons) == {"missing", "corrupt", "no_answer", "too_long", "placeholders"}
+    assert set(reasons) == {"missing", "corrupt", "no_answer", "too_long", "placeholders", "malformed"}
     assert "not found" in reasons["missing"] and "corrupt" in reasons["corrupt"]
-    assert "assistant" in reasons["no_answer"] and "context" in reasons["too_long"]
+    assert "no gpt turn" in reasons["no_answer"] and "context" in reasons["too_long"]
     assert "placeholder" in reasons["placeholders"]
     assert ds.packed([0, 1]).pixel_values.shape[0] == 2
 
 
 def test_too_many_bad_samples_fail_the_run(bad_data):
-    with pytest.raises(TooManySkippedError, match="5 of 11 samples"):
+    with pytest.raises(TooManySkippedError, match="6 of 12 samples"):
         _dataset(bad_data, max_skip_fraction=0.01)
-    assert (bad_data[3] / "skipped.jsonl").read_text().count("\n") == 5  # written before failing
+    assert (bad_data[3] / "skipped.jsonl").read_text().count("\n") == 6  # written before failing
 
 
 def test_bad_recipe_value_fails_before_work(tmp_path):
