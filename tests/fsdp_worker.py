@@ -70,6 +70,7 @@ def main(out: str) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    from barnfast.lora import LoraConfig, apply_lora
     from barnfast.parallel import apply_activation_checkpointing, apply_fsdp, fsdp_plan, full_state_dict
     from tests.model_utils import make_samples, packed, tiny_model
 
@@ -83,42 +84,56 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     base, _ = tiny_model("llama3-tiny")
     base.set_trainable(projector=True, llm=True)
+    with_lora = copy.deepcopy(base)
+    apply_lora(with_lora, LoraConfig(rank=4, alpha=8, dropout=0.0))  # same adapters on every rank (seeded)
     samples = make_samples(base, N_IMAGES, TEXT_LENGTHS)
     everything = packed(samples)
     N = everything.num_targets.float()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-
-    ref = copy.deepcopy(base)
-    ref_loss, ref_grads = _step(ref, [everything], N, sync=True)
-    ref_state = ref.state_dict()
-
     mine = list(range(rank, len(N_IMAGES), world))
     micro = [packed(samples, mine[: len(mine) // 2]), packed(samples, mine[len(mine) // 2:])]
-    result = {"ref_loss": ref_loss.item()}
-    for mode in ("fsdp", "fsdp_ac_nosync"):
-        model = copy.deepcopy(base)
-        if mode == "fsdp_ac_nosync":
+
+    # mode: (starting model, activation checkpointing, FSDP compute dtype, sync every micro-step)
+    modes = {
+        "fsdp": (base, False, torch.float32, True),
+        "fsdp_ac_nosync": (base, True, torch.float32, False),
+        "fsdp_lora": (with_lora, False, torch.float32, True),
+        "fsdp_bf16": (base, False, torch.bfloat16, True),
+    }
+    result, refs = {}, {}
+    for mode, (start, ac, param_dtype, sync) in modes.items():
+        if id(start) not in refs:  # the same step in one process, on the whole batch
+            ref = copy.deepcopy(start)
+            loss, grads = _step(ref, [everything], N, sync=True)
+            refs[id(start)] = (loss.item(), grads, start.state_dict(), ref.state_dict())
+        ref_loss, ref_grads, before, ref_state = refs[id(start)]
+        model = copy.deepcopy(start)
+        if ac:
             apply_activation_checkpointing(model)
-        apply_fsdp(model, param_dtype=torch.float32, reduce_dtype=torch.float32)
+        apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=torch.float32)
         modules = dict(model.named_modules())
         structure = {
             "plan_units_are_fsdp": all(isinstance(modules[n], FSDPModule) for n in fsdp_plan(model)),
             "vision_tower_replicated": not any(isinstance(p, DTensor) for p in model.vision_tower.parameters()),
             "llm_sharded": all(isinstance(p, DTensor) for p in model.language_model.parameters()),
+            "stored_dtypes": sorted({str(p.dtype) for p in model.parameters()}),  # master weights
         }
         # DDP and FSDP2 average gradients over ranks: normalise by global/world (as train.py does).
-        local, grads = _step(model, micro, N / world, sync=mode == "fsdp")
+        local, grads = _step(model, micro, N / world, sync=sync)
         dist.all_reduce(local)
         state = full_state_dict(model)
         if rank == 0:
             assert state.keys() == ref_state.keys(), sorted(state.keys() ^ ref_state.keys())[:5]
             assert grads.keys() == ref_grads.keys(), sorted(grads.keys() ^ ref_grads.keys())[:5]
-            grad_diff = {k: (grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads}
-            grad_scale = {k: ref_grads[k].abs().max().item() for k in ref_grads}
-            diffs = {k: (state[k] - ref_state[k]).abs().max().item() for k in ref_state}
-            moved = {k: (ref_state[k] - before[k]).abs().max().item() for k in ref_state}
-            result[mode] = {"loss": (local / world).item(), "max_param_diff": diffs, "max_update": moved,
-                            "max_grad_diff": grad_diff, "max_grad": grad_scale, **structure}
+            result[mode] = {
+                "ref_loss": ref_loss,
+                "loss": (local / world).item(),
+                "max_grad_diff": {k: (grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads},
+                "max_grad": {k: ref_grads[k].abs().max().item() for k in ref_grads},
+                "rel_grad_err": {k: ((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()).item() for k in ref_grads},
+                "max_param_diff": {k: (state[k] - ref_state[k]).abs().max().item() for k in ref_state},
+                "max_update": {k: (ref_state[k] - before[k]).abs().max().item() for k in ref_state},
+                **structure,
+            }
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
