@@ -89,9 +89,10 @@ class ExportedVLM:
     # -- scores -----------------------------------------------------------------------------------
     @torch.no_grad()
     def continuation_logprobs(self, prompt_ids: list[int], continuations: list[list[int]],
-                              pixel_values: torch.Tensor | None) -> list[np.ndarray]:
+                              pixel_values: torch.Tensor | None, with_greedy: bool = False) -> list:
         """Per-token log-probabilities of each continuation after the prompt (one batched forward,
-        right-padded). Returns one ``(len(cont),)`` float64 array per continuation."""
+        right-padded). Returns one ``(len(cont),)`` float64 array per continuation; with
+        ``with_greedy``, ``(array, every token is the arg-max)`` pairs."""
         k, p = len(continuations), len(prompt_ids)
         seqs = [prompt_ids + c for c in continuations]
         width = max(len(s) for s in seqs)
@@ -110,7 +111,9 @@ class ExportedVLM:
         out = []
         for i, c in enumerate(continuations):
             pos = torch.arange(p - 1, p - 1 + len(c), device=self.device)
-            out.append(logp[i, pos, torch.tensor(c, device=self.device)].double().cpu().numpy())
+            tgt = torch.tensor(c, device=self.device)
+            lp = logp[i, pos, tgt].double().cpu().numpy()
+            out.append((lp, bool((logp[i, pos].argmax(-1) == tgt).all())) if with_greedy else lp)
         return out
 
     @torch.no_grad()
