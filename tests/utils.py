@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Compiled Triton on the GPU: a CUDA device, and the interpreter off (bench/gpu.sh sets BARNFAST_CUDA_TESTS=1).
+requires_compiled_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU with Triton compiling for it (BARNFAST_CUDA_TESTS=1, as bench/gpu.sh sets)",
+)
 
 
 def assert_close_to_ref(
