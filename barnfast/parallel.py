@@ -125,34 +125,30 @@ def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, tor
 # -- gradient accumulation ------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _fsdp_sync(module, enabled: bool):
-    module.set_requires_gradient_sync(enabled)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
-
-
 def gradient_sync(module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """Context for one micro-step's forward (and, for FSDP2, its backward): reduce gradients or not.
+    """Context for one micro-step's forward: reduce this micro-step's gradients over ranks or not.
 
-    DDP: ``no_sync()`` when disabled (the flag is read in forward; the backward after it
-    accumulates locally). FSDP2: ``set_requires_gradient_sync(enabled)`` for the duration, then
-    back to True; run the backward inside the context. Note: FSDP2 without sync keeps each layer's
-    *unsharded* gradient until the synced micro-step, i.e. full-model gradient memory per rank;
-    syncing every micro-step (always ``enabled=True``) keeps gradients sharded at the cost of one
-    reduce-scatter per micro-step. A plain module: nothing to do.
+    Call it for every micro-step, ``enabled`` only for the last; the backward may run inside the
+    block or right after it. DDP: ``no_sync()`` when disabled (DDP reads the flag in forward).
+    FSDP2: ``set_requires_gradient_sync(enabled)`` on entering, left set on exit so that a backward
+    after the block obeys it too; the next micro-step's call sets it again. Note that FSDP2 without
+    sync keeps each layer's *unsharded* gradient until the synced micro-step, i.e. full-model
+    gradient memory per rank; syncing every micro-step (always ``enabled=True``) keeps gradients
+    sharded for one reduce-scatter per micro-step. A plain module: nothing to do.
     """
     from torch.distributed.fsdp import FSDPModule
 
-    if enabled:
-        return contextlib.nullcontext()
     if isinstance(module, DistributedDataParallel):
-        return module.no_sync()
+        return contextlib.nullcontext() if enabled else module.no_sync()
     if isinstance(module, FSDPModule):
-        return _fsdp_sync(module, False)
+        return _fsdp_sync(module, enabled)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(module, enabled: bool):
+    module.set_requires_gradient_sync(enabled)  # recurses into every FSDP unit
+    yield
 
 
 # -- activation checkpointing -------------------------------------------------------------------

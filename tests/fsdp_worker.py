@@ -39,16 +39,19 @@ def _step(module, batches, normaliser, sync):
     params = [p for p in module.parameters() if p.requires_grad]
     opt = build_optimizer(params, kind="adamw", lr=LR, weight_decay=0.1)
     total = torch.zeros(())
+    unsynced = []
     for i, b in enumerate(batches):
         with gradient_sync(module, enabled=sync or i == len(batches) - 1):
             loss = module(b, normaliser)
-            loss.backward()
+        loss.backward()  # after the block, as barnfast.train does
         total += loss.detach()
+        # Without sync, FSDP2 accumulates unsharded gradients and leaves the sharded .grad unset.
+        unsynced.append(all(p.grad is None for p in module.language_model.parameters() if p.requires_grad))
     grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
              for n, p in module.named_parameters() if p.grad is not None}
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return total, grads
+    return total, grads, unsynced
 
 
 def fsdp2_unsupported() -> str | None:
@@ -103,7 +106,7 @@ def main(out: str) -> None:
     for mode, (start, ac, param_dtype, sync) in modes.items():
         if id(start) not in refs:  # the same step in one process, on the whole batch
             ref = copy.deepcopy(start)
-            loss, grads = _step(ref, [everything], N, sync=True)
+            loss, grads, _ = _step(ref, [everything], N, sync=True)
             refs[id(start)] = (loss.item(), grads, start.state_dict(), ref.state_dict())
         ref_loss, ref_grads, before, ref_state = refs[id(start)]
         model = copy.deepcopy(start)
@@ -118,7 +121,7 @@ def main(out: str) -> None:
             "stored_dtypes": sorted({str(p.dtype) for p in model.parameters()}),  # master weights
         }
         # DDP and FSDP2 average gradients over ranks: normalise by global/world (as train.py does).
-        local, grads = _step(model, micro, N / world, sync=sync)
+        local, grads, unsynced = _step(model, micro, N / world, sync=sync)
         dist.all_reduce(local)
         state = full_state_dict(model)
         if rank == 0:
@@ -127,6 +130,7 @@ def main(out: str) -> None:
             result[mode] = {
                 "ref_loss": ref_loss,
                 "loss": (local / world).item(),
+                "unsynced_micro_steps": unsynced,
                 "max_grad_diff": {k: (grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads},
                 "max_grad": {k: ref_grads[k].abs().max().item() for k in ref_grads},
                 "rel_grad_err": {k: ((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()).item() for k in ref_grads},

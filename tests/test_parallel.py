@@ -146,6 +146,8 @@ def test_fsdp2_two_gloo_ranks_match_one_process(tmp_path):
             assert max(m["rel_grad_err"].values()) > 1e-4
             continue
         assert m["loss"] == pytest.approx(m["ref_loss"], rel=1e-6)
+        # gradient_sync(enabled=False) really skipped the reduction of the first micro-step's gradients.
+        assert m["unsynced_micro_steps"] == ([True, False] if mode == "fsdp_ac_nosync" else [False, False]), mode
         for k, scale in m["max_grad"].items():
             assert m["max_grad_diff"][k] <= 1e-5 * scale, (mode, k, m["max_grad_diff"][k], scale)
         for k, diff in m["max_param_diff"].items():
