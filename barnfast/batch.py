@@ -33,6 +33,9 @@ class PackedBatch:
     max_seqlen: int
     pixel_values: torch.Tensor | None  # (I, 3, S, S) for the images in order, or None
     sample_ids: list[str] = field(default_factory=list)
+    # (I, P, C) frozen-tower features of the images in order, from the vision-feature cache, or None;
+    # when set, pixel_values is None and the model skips the tower.
+    visual_features: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -42,10 +45,18 @@ class PackedBatch:
     def num_targets(self) -> torch.Tensor:
         return (self.targets != IGNORE_INDEX).sum()
 
+    @property
+    def num_images(self) -> int:
+        for t in (self.pixel_values, self.visual_features):
+            if t is not None:
+                return int(t.shape[0])
+        return 0
+
     def to(self, device: torch.device, non_blocking: bool = True) -> PackedBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return PackedBatch(move(self.input_ids), move(self.targets), move(self.position_ids),
-                           move(self.cu_seqlens), self.max_seqlen, move(self.pixel_values), self.sample_ids)
+                           move(self.cu_seqlens), self.max_seqlen, move(self.pixel_values), self.sample_ids,
+                           move(self.visual_features))
 
 
 @dataclass
@@ -78,8 +89,10 @@ def _stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def collate_packed(ids: list[np.ndarray], labels: list[np.ndarray], pixels: list[torch.Tensor | None],
-                   sample_ids: list[str]) -> PackedBatch:
-    """Concatenate samples into one packed row; ``pixels[i]`` is (n_i, 3, S, S) or None."""
+                   sample_ids: list[str], features: list[torch.Tensor | None] | None = None) -> PackedBatch:
+    """Concatenate samples into one packed row; ``pixels[i]`` is (n_i, 3, S, S) or None.
+
+    ``features`` (cached tower output, ``features[i]`` (n_i, P, C) or None) replaces ``pixels``."""
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     cu = np.zeros(len(ids) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
@@ -89,8 +102,9 @@ def collate_packed(ids: list[np.ndarray], labels: list[np.ndarray], pixels: list
         position_ids=torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)),
         cu_seqlens=torch.from_numpy(cu),
         max_seqlen=int(lengths.max()),
-        pixel_values=_stack_pixels(pixels),
+        pixel_values=None if features is not None else _stack_pixels(pixels),
         sample_ids=list(sample_ids),
+        visual_features=None if features is None else _stack_pixels(features),
     )
 
 

@@ -25,12 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from barnfast.kernels import ProjectorMLP, fused_linear_cross_entropy, merge_visual_text
+from barnfast.kernels import fused_linear_cross_entropy, merge_visual_text
 
 from . import attention
 from .batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 from .liger import apply_liger_to_decoder
-from .vision import VisionTower, encode_images
+from .projectors import build_projector, output_tokens
+from .s2 import check_scales, encode_multiscale
+from .vision import VisionTower
 
 IMAGE_TOKEN = "<image>"
 
@@ -70,20 +72,39 @@ class LlavaVLM(nn.Module):
         self.language_model.requires_grad_(llm)
         self.lm_head.requires_grad_(llm)
 
-    def visual_tokens(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """(I, 3, S, S) images → (I·P, H) projected visual tokens, in image order."""
-        proj_dtype = self.projector.linear_1.weight.dtype
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            H = self.language_model.config.hidden_size
-            return self.projector.linear_2.weight.new_zeros(0, H)
+    # S2 scales and the projector's token count; build_model sets them (defaults: the plain LLaVA path).
+    s2_scales: tuple[int, ...] = (1,)
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        """``<image>`` slots per image: the projector's output count (perceiver: its latents; else the tower's).
+
+        The one source of truth for the dataset's ``<image>`` expansion and the exported metadata."""
+        return output_tokens(self.projector, self.vision.num_tokens)
+
+    def visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frozen tower (with S2 when ``s2_scales`` has more than 1): (I, 3, s·S, s·S) → (I, P, C·len(scales))."""
         with torch.no_grad():
-            feats = encode_images(self.vision, self.vision_tower, pixel_values.to(self.vision_tower.dtype))
-        return self.projector(feats.reshape(-1, feats.shape[-1]).to(proj_dtype))
+            return encode_multiscale(self.vision, self.vision_tower, pixel_values.to(self.vision_tower.dtype),
+                                     self.s2_scales)
+
+    def visual_tokens(self, pixel_values: torch.Tensor | None, features: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """(I, 3, S, S) images, or their cached tower ``features`` (I, P, C) → (I·N, H) projected visual
+        tokens, in image order. Given ``features``, the tower does not run."""
+        proj_dtype = self.projector.linear_1.weight.dtype
+        if features is None and pixel_values is not None and pixel_values.shape[0]:
+            features = self.visual_features(pixel_values)
+        if features is None or features.shape[0] == 0:
+            H = self.language_model.config.hidden_size
+            return self.projector.linear_1.weight.new_zeros(0, H)
+        out = self.projector(features.to(proj_dtype))  # (I, N, H)
+        return out.reshape(-1, out.shape[-1])
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """Final-norm hidden states (T, H) of a packed micro-batch."""
         lm = self.language_model
-        visual = self.visual_tokens(batch.pixel_values)
+        visual = self.visual_tokens(batch.pixel_values, getattr(batch, "visual_features", None))
         embeds = merge_visual_text(batch.input_ids, lm.embed_tokens.weight, visual.to(lm.embed_tokens.weight.dtype),
                                    self.image_token_id, backend=self.kernel_backend)
         x = embeds.unsqueeze(0)  # (1, T, H): one packed row
@@ -170,13 +191,17 @@ def add_image_token(tokenizer) -> int:
 
 def build_model(backbone, vision: VisionTower, *, model_path: str | None = None, vision_path: str | None = None,
                 seed: int = 0, dtype: torch.dtype = torch.float32, projector_approximate: str = "none",
-                pad_vocab_to_multiple_of: int = 64, kernel_backend: str = "auto"):
+                pad_vocab_to_multiple_of: int = 64, kernel_backend: str = "auto", projector: str = "mlp2x_gelu",
+                perceiver_latents: int = 64, perceiver_depth: int = 3, s2_scales=(1,)):
     """Assemble (LlavaVLM, tokenizer) from a backbone and a vision tower registry entry.
 
     The tokenizer gets an ``<image>`` token appended (id = its old length); the LLM's embeddings
     and ``lm_head`` grow to cover it, rounded up to ``pad_vocab_to_multiple_of`` as the llava-hf
-    checkpoints do (32000 → 32064). The projector is initialised from ``seed`` like ``nn.Linear``.
+    checkpoints do (32000 → 32064). The projector (``projector``: ``mlp2x_gelu`` | ``linear`` |
+    ``perceiver``, see :mod:`barnfast.projectors`) maps ``vision.hidden_size * len(s2_scales)``
+    channels to the LLM's width and is initialised from ``seed + 1``.
     """
+    s2_scales = check_scales(s2_scales)
     tokenizer = backbone.load_tokenizer(model_path)
     image_token_id = add_image_token(tokenizer)
     lm = backbone.load_model(model_path, dtype=dtype, seed=seed)
@@ -188,7 +213,9 @@ def build_model(backbone, vision: VisionTower, *, model_path: str | None = None,
         vision_config=tower.config,
         text_config=lm.config,
         image_token_id=image_token_id,
-        projector_hidden_act="gelu" if projector_approximate == "none" else "gelu_pytorch_tanh",
+        # A linear projector exports as linear_1, identity activation, linear_2 = I (barnfast.projectors).
+        projector_hidden_act="linear" if projector == "linear" else (
+            "gelu" if projector_approximate == "none" else "gelu_pytorch_tanh"),
         vision_feature_layer=vision.feature_layer,
         vision_feature_select_strategy="default" if vision.drop_cls else "full",
         image_seq_length=vision.num_tokens,
@@ -209,6 +236,10 @@ def build_model(backbone, vision: VisionTower, *, model_path: str | None = None,
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed + 1)
-        hf.model.multi_modal_projector = ProjectorMLP(vision.hidden_size, H, H, bias=True,
-                                                      approximate=projector_approximate).to(dtype)
-    return LlavaVLM(hf, vision, image_token_id, kernel_backend=kernel_backend), tokenizer
+        hf.model.multi_modal_projector = build_projector(
+            projector, vision.hidden_size * len(s2_scales), H, approximate=projector_approximate,
+            perceiver_latents=perceiver_latents, perceiver_depth=perceiver_depth).to(dtype)
+    vlm = LlavaVLM(hf, vision, image_token_id, kernel_backend=kernel_backend)
+    vlm.s2_scales = s2_scales
+    config.image_seq_length = vlm.visual_tokens_per_image
+    return vlm, tokenizer
