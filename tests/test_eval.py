@@ -1,0 +1,174 @@
+"""barnfast.eval, barnfast.generate and the lmms-eval adapter on a tiny trained export; file formats."""
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from barnfast import eval as eval_lib
+from barnfast import generate as generate_lib
+from barnfast.evaluation import EvalItem, ExportedVLM, load_items
+from barnfast.lmms_eval_adapter import BarnfastLMM
+from tests.test_sweep import BACKBONES, finished_sweep
+
+
+@functools.cache
+def _vlm() -> ExportedVLM:
+    out, _ = finished_sweep()
+    return ExportedVLM(out / BACKBONES[0] / "export", device="cpu")
+
+
+def _data() -> Path:
+    return finished_sweep()[0] / "data"
+
+
+# -- formats (no model) ---------------------------------------------------------------------------------
+
+
+def test_pope_scienceqa_llava_formats(tmp_path):
+    pope = tmp_path / "coco_pope_adversarial.json"
+    pope.write_text('{"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"}\n'
+                    '{"question_id": 2, "image": "b.jpg", "text": "Is there a cat in the image?", "label": "no"}\n')
+    items = load_items(pope, image_root=tmp_path / "coco")
+    assert [(i.task, i.answer, i.category) for i in items] == [("yesno", "yes", "adversarial"), ("yesno", "no", "adversarial")]
+    assert items[0].image == tmp_path / "coco" / "a.jpg" and items[0].prompt.startswith("Is there a dog in the image?\n")
+
+    problems = {"10": {"question": "Which is a mammal?", "choices": ["frog", "whale", "trout"], "answer": 1,
+                       "hint": "Look closely.", "image": "image.png", "split": "test", "subject": "natural science"},
+                "11": {"question": "No image here", "choices": ["a", "b"], "answer": 0, "hint": "", "image": None,
+                       "split": "test", "subject": "language science"},
+                "12": {"question": "Train item", "choices": ["a", "b"], "answer": 0, "hint": "", "image": "image.png",
+                       "split": "train", "subject": "social science"}}
+    sqa = tmp_path / "problems.json"
+    sqa.write_text(json.dumps(problems))
+    items = load_items(sqa, image_root=tmp_path / "images")
+    assert len(items) == 1 and items[0].answer == "B" and items[0].options == {"A": "frog", "B": "whale", "C": "trout"}
+    assert items[0].image == tmp_path / "images" / "test" / "10" / "image.png"
+    assert items[0].prompt == ("Context: Look closely.\nWhich is a mammal?\nA. frog\nB. whale\nC. trout\n"
+                               "Answer with the option's letter from the given choices directly.")
+
+    llava = tmp_path / "questions.jsonl"
+    llava.write_text('{"question_id": "q1", "image": "x.png", "text": "What is it?", "answers": ["cat", "cat", "kitten"]}\n'
+                     '{"question_id": "q2", "text": "Is it red?", "answer": "Yes", "category": "colour"}\n'
+                     '{"question_id": "q3", "image": "y.png", "text": "Pick", "options": {"A": "x", "B": "y"}, "answer": "B"}\n')
+    items = load_items(llava)
+    assert [i.task for i in items] == ["open", "yesno", "mc"]
+    assert items[0].answers == ["cat", "cat", "kitten"] and items[1].answer == "yes" and items[1].image is None
+    with pytest.raises(ValueError, match="options"):
+        EvalItem(id="x", task="mc", category="c", prompt="p", answer="Z", options={"A": "a"})
+
+
+# -- scoring on a trained tiny export ---------------------------------------------------------------------
+
+
+def test_answer_ids_are_the_trained_labels_and_end_with_the_stop_token():
+    vlm = _vlm()
+    ids = vlm.answer_ids("What colour?", "red")
+    assert ids[-1] in vlm.stop_ids
+    assert vlm.answer_ids("What colour?", "red", include_stop=False) == ids[:-1]
+
+
+def test_option_loglikelihood_batched_equals_unbatched_forward():
+    vlm = _vlm()
+    item = load_items(_data() / "eval_mc.jsonl", limit=1)[0]
+    pv = vlm.pixel_values([item.image])
+    prompt = vlm.prompt_ids(item.prompt)
+    conts = [vlm.answer_ids(item.prompt, k) for k in item.options] + [vlm.answer_ids(item.prompt, "a longer answer")]
+    batched = vlm.continuation_logprobs(prompt, conts, pv)
+    for c, lp in zip(conts, batched):
+        with torch.no_grad():
+            logits = vlm.model(input_ids=torch.tensor([prompt + c]), pixel_values=pv).logits[0].float()
+        ref = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c)), torch.tensor(c)]
+        np.testing.assert_allclose(lp, ref.double().numpy(), rtol=1e-4, atol=1e-4)
+    rec = eval_lib.score_item(vlm, item)
+    probs = rec["option_probs"]
+    assert set(probs) == set(item.options) and sum(probs.values()) == pytest.approx(1.0)
+    assert rec["prediction"] == max(probs, key=probs.get) and rec["confidence"] == pytest.approx(max(probs.values()))
+    expected = np.array([batched[i].sum() for i in range(len(item.options))])
+    expected = np.exp(expected - expected.max()) / np.exp(expected - expected.max()).sum()
+    np.testing.assert_allclose(list(probs.values()), expected, rtol=1e-6)
+    assert rec["correct"] == (rec["prediction"] == item.answer)
+
+
+def test_greedy_matches_transformers_generate():
+    vlm = _vlm()
+    item = load_items(_data() / "eval_open.jsonl", limit=1)[0]
+    pv = vlm.pixel_values([item.image])
+    prompt = vlm.prompt_ids(item.prompt)
+    ids, logps, stopped = vlm.greedy(prompt, pv, max_new_tokens=6)
+    ref = vlm.model.generate(input_ids=torch.tensor([prompt]), pixel_values=pv, do_sample=False, max_new_tokens=6,
+                             eos_token_id=sorted(vlm.stop_ids), pad_token_id=vlm.tokenizer.pad_token_id or 0)
+    new = ref[0, len(prompt):].tolist()
+    if stopped:
+        assert new[:len(ids) + 1] == ids + [new[len(ids)]] and new[len(ids)] in vlm.stop_ids
+    else:
+        assert new == ids and len(ids) == 6
+    assert all(lp <= 0 for lp in logps)
+    out = generate_lib.generate(vlm, item.prompt, item.image, max_new_tokens=6)
+    assert out["token_ids"] == ids and out["confidence"] == pytest.approx(math.exp(np.mean(logps)))
+
+
+def test_eval_cli_writes_records_and_summary(tmp_path):
+    out, _ = finished_sweep()
+    dest = tmp_path / "yesno.jsonl"
+    assert eval_lib.main(["--model", str(out / BACKBONES[0] / "export"), "--data", str(_data() / "eval_yesno.jsonl"),
+                          "--limit", "4", "--output", str(dest), "--no-progress"]) == 0
+    recs = [json.loads(x) for x in dest.read_text().splitlines()]
+    assert len(recs) == 4
+    for r in recs:
+        assert set(r["option_probs"]) == {"yes", "no"} and sum(r["option_probs"].values()) == pytest.approx(1.0)
+        assert r["correct"] == (r["prediction"] == r["answer"])
+    summary = json.loads((tmp_path / "yesno.summary.json").read_text())
+    assert summary["accuracy"] == pytest.approx(np.mean([r["correct"] for r in recs]))
+    assert summary["pope"]["yes_ratio"] == pytest.approx(np.mean([r["prediction"] == "yes" for r in recs]))
+
+
+def test_representation_stability_is_one_without_perturbation_and_lower_with_it():
+    vlm = _vlm()
+    items = load_items(_data() / "eval_open.jsonl", limit=4)
+    same = eval_lib.representation_stability(vlm, items, kinds=("noise",), noise_std=0.0)
+    np.testing.assert_allclose(same["cka"]["noise"], 1.0, atol=1e-9)
+    moved = eval_lib.representation_stability(vlm, items, kinds=("noise",), noise_std=2.0)
+    assert len(moved["cka"]["noise"]) == vlm.num_layers + 1 and min(moved["cka"]["noise"]) < 1.0 - 1e-6
+    pv = torch.randn(1, 3, 8, 8)
+    shifted = eval_lib.perturb(pv, "shift", (1.0, 1.0, 1.0))
+    assert torch.equal(shifted[..., 1:], pv[..., :-1]) and torch.equal(shifted[..., 0], pv[..., 0])
+
+
+# -- lmms-eval adapter over Instance stand-ins ----------------------------------------------------------
+
+
+@dataclass
+class FakeInstance:
+    """What lmms-eval's Instance exposes to a model: ``args``."""
+
+    args: tuple
+
+
+def test_lmms_eval_adapter_on_a_fake_task():
+    out, _ = finished_sweep()
+    lm = BarnfastLMM(pretrained=str(out / BACKBONES[0] / "export"), device="cpu")
+    items = load_items(_data() / "eval_mc.jsonl", limit=2)
+    from barnfast.data.images import load_image
+
+    docs = [{"image": load_image(it.image), "question": it.prompt, "answer": it.answer} for it in items]
+    lm.task_dict = {"fake_mc": {"test": docs}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    reqs = [FakeInstance((d["question"], f" {letter}", visual, i, "fake_mc", "test"))
+            for i, d in enumerate(docs) for letter in "AB"]
+    res = lm.loglikelihood(reqs)
+    vlm = lm.vlm
+    for req, (ll, greedy) in zip(reqs, res):
+        ctx, target, _, i, _, _ = req.args
+        pv = vlm.pixel_values([docs[i]["image"]])
+        lp = vlm.continuation_logprobs(vlm.prompt_ids(ctx), [vlm.answer_ids(ctx, target.strip(), include_stop=False)], pv)[0]
+        assert ll == pytest.approx(float(lp.sum())) and ll < 0 and isinstance(greedy, bool)
+    gen = lm.generate_until([FakeInstance((docs[0]["question"], {"max_new_tokens": 5, "until": ["\n\n"]}, visual, 0,
+                                           "fake_mc", "test"))])
+    ids, _, _ = vlm.greedy(vlm.prompt_ids(docs[0]["question"]), vlm.pixel_values([docs[0]["image"]]), 5)
+    assert gen == [vlm.decode(ids).split("\n\n")[0]]
