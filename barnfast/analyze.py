@@ -117,7 +117,8 @@ def correctness_matrix(backbones: list[str], records: dict[str, list[dict]]) -> 
     """(item keys common to all backbones, (n_items, n_backbones) bool)."""
     maps = {b: {r["key"]: bool(r["correct"]) for r in records[b]} for b in backbones}
     keys = sorted(set.intersection(*(set(m) for m in maps.values())))
-    return keys, np.array([[maps[b][k] for b in backbones] for k in keys], dtype=bool).reshape(len(keys), len(backbones))
+    matrix = np.array([[maps[b][k] for b in backbones] for k in keys], dtype=bool)
+    return keys, matrix.reshape(len(keys), len(backbones))
 
 
 def overlap(backbones: list[str], matrix: np.ndarray) -> list[dict]:

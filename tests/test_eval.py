@@ -35,8 +35,10 @@ def test_pope_scienceqa_llava_formats(tmp_path):
     pope.write_text('{"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"}\n'
                     '{"question_id": 2, "image": "b.jpg", "text": "Is there a cat in the image?", "label": "no"}\n')
     items = load_items(pope, image_root=tmp_path / "coco")
-    assert [(i.task, i.answer, i.category) for i in items] == [("yesno", "yes", "adversarial"), ("yesno", "no", "adversarial")]
-    assert items[0].image == tmp_path / "coco" / "a.jpg" and items[0].prompt.startswith("Is there a dog in the image?\n")
+    assert [(i.task, i.answer, i.category) for i in items] == [("yesno", "yes", "adversarial"),
+                                                               ("yesno", "no", "adversarial")]
+    assert items[0].image == tmp_path / "coco" / "a.jpg"
+    assert items[0].prompt.startswith("Is there a dog in the image?\n")
 
     problems = {"10": {"question": "Which is a mammal?", "choices": ["frog", "whale", "trout"], "answer": 1,
                        "hint": "Look closely.", "image": "image.png", "split": "test", "subject": "natural science"},
@@ -53,9 +55,10 @@ def test_pope_scienceqa_llava_formats(tmp_path):
                                "Answer with the option's letter from the given choices directly.")
 
     llava = tmp_path / "questions.jsonl"
-    llava.write_text('{"question_id": "q1", "image": "x.png", "text": "What is it?", "answers": ["cat", "cat", "kitten"]}\n'
-                     '{"question_id": "q2", "text": "Is it red?", "answer": "Yes", "category": "colour"}\n'
-                     '{"question_id": "q3", "image": "y.png", "text": "Pick", "options": {"A": "x", "B": "y"}, "answer": "B"}\n')
+    rows = [{"question_id": "q1", "image": "x.png", "text": "What is it?", "answers": ["cat", "cat", "kitten"]},
+            {"question_id": "q2", "text": "Is it red?", "answer": "Yes", "category": "colour"},
+            {"question_id": "q3", "image": "y.png", "text": "Pick", "options": {"A": "x", "B": "y"}, "answer": "B"}]
+    llava.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = load_items(llava)
     assert [i.task for i in items] == ["open", "yesno", "mc"]
     assert items[0].answers == ["cat", "cat", "kitten"] and items[1].answer == "yes" and items[1].image is None
@@ -166,7 +169,8 @@ def test_lmms_eval_adapter_on_a_fake_task():
     for req, (ll, greedy) in zip(reqs, res):
         ctx, target, _, i, _, _ = req.args
         pv = vlm.pixel_values([docs[i]["image"]])
-        lp = vlm.continuation_logprobs(vlm.prompt_ids(ctx), [vlm.answer_ids(ctx, target.strip(), include_stop=False)], pv)[0]
+        cont = vlm.answer_ids(ctx, target.strip(), include_stop=False)
+        lp = vlm.continuation_logprobs(vlm.prompt_ids(ctx), [cont], pv)[0]
         assert ll == pytest.approx(float(lp.sum())) and ll < 0 and isinstance(greedy, bool)
     gen = lm.generate_until([FakeInstance((docs[0]["question"], {"max_new_tokens": 5, "until": ["\n\n"]}, visual, 0,
                                            "fake_mc", "test"))])

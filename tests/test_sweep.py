@@ -68,7 +68,8 @@ def test_sweep_resumes_after_interruption_without_retraining():
         for task in ("open", "mc", "yesno"):
             recs = [json.loads(x) for x in (run / "eval" / f"{task}.jsonl").read_text().splitlines()]
             assert len(recs) == 8 and {r["task"] for r in recs} == {task}
-            assert all({"id", "category", "prediction", "correct", "confidence", "option_probs"} <= set(r) for r in recs)
+            fields = {"id", "category", "prediction", "correct", "confidence", "option_probs"}
+            assert all(fields <= set(r) for r in recs)
         stab = json.loads((run / "eval" / "stability.json").read_text())
         assert stab["n_items"] == 4 and len(stab["cka"]["noise"]) == stab["num_layers"] + 1
 
