@@ -67,9 +67,9 @@ from ._backend import resolve_backend
 # torch backend: rows per chunk = TORCH_CHUNK_ELEMS // V, i.e. a (C, V) fp32 chunk of 2**24 elements = 64 MiB
 # (C = 130 at V = 128,256). Measured with `bench/bench_fused_linear_cross_entropy.py --sweep-chunk` (N=2048,
 # H=512, V=128256, fp32 fwd+bwd, 2 CPU cores shared with other jobs, so times are noisy): p50 2**21: 34.3 s,
-# 2**22: 12.6 s, 2**23: 10.2 s, 2**24: 4.0 s, 2**25: 13.2 s, reference 13.3 s; peak memory 222-254 MiB for
-# every budget (the fp32 grad_weight, 250 MiB, dominates) vs 2748 MiB for the reference. Below 2**22 the GEMMs
-# get too skinny (<= 16 rows).
+# 2**22: 12.6 s, 2**23: 10.2 s, 2**24: 4.0 s, 2**25: 13.2 s, reference 13.3 s. Below 2**22 the GEMMs get too
+# skinny (<= 16 rows). Peak memory at 2**24 in the committed bench run: 63.5 MiB vs 2755 MiB for the reference
+# (the sweep's 222-254 MiB predate the fix that stopped autograd materialising a zero (V, H) gradient).
 TORCH_CHUNK_ELEMS = 2**24
 
 # triton backend: the logits chunk holds about N * H elements (Liger-Kernel's budget: the chunk then costs as
