@@ -36,9 +36,27 @@ class ModelConfig:
     """GELU of the projector: ``none`` (erf, as LLaVA-1.5) or ``tanh``."""
     pad_vocab_to_multiple_of: int = 64
     """The ``<image>`` token is appended to the vocabulary; embeddings are resized to a multiple of this."""
+    projector: str = "mlp2x_gelu"
+    """Vision-language projector: ``mlp2x_gelu`` (LLaVA-1.5, fused kernel), ``linear`` (LLaVA-1) or
+    ``perceiver`` (Idefics2's resampler to ``perceiver_latents`` tokens per image; exports in barnfast's format)."""
+    perceiver_latents: int = 64
+    """Learned queries of the perceiver, i.e. visual tokens per image."""
+    perceiver_depth: int = 3
+    """Resampler layers of the perceiver."""
+    s2_scales: list[int] = field(default_factory=lambda: [1])
+    """S2 multi-scale features (``--s2``): ``[1]`` off, ``[1, 2]`` or ``[1, 2, 3]`` (LLaVA-MORE); the token
+    count stays, the projector's input width is the tower's times the number of scales."""
 
     def __post_init__(self):
         _check(bool(self.backbone), "model.backbone", "must name a backbone")
+        _check(self.projector in ("mlp2x_gelu", "linear", "perceiver"), "model.projector",
+               f"must be mlp2x_gelu|linear|perceiver, got {self.projector!r}")
+        _check(self.perceiver_latents >= 1, "model.perceiver_latents", f"must be >= 1, got {self.perceiver_latents}")
+        _check(self.perceiver_depth >= 1, "model.perceiver_depth", f"must be >= 1, got {self.perceiver_depth}")
+        scales = list(self.s2_scales)
+        _check(bool(scales) and all(isinstance(x, int) for x in scales) and scales[0] == 1
+               and all(b > a for a, b in zip(scales, scales[1:])) and scales[-1] <= 4, "model.s2_scales",
+               f"must start at 1 and increase strictly up to 4, e.g. [1, 2], got {self.s2_scales!r}")
         _check(self.projector_approximate in ("none", "tanh"), "model.projector_approximate",
                f"must be 'none' or 'tanh', got {self.projector_approximate!r}")
         _check(self.pad_vocab_to_multiple_of >= 1, "model.pad_vocab_to_multiple_of", "must be >= 1")
@@ -58,13 +76,26 @@ class DataConfig:
     synthetic_stage2: int = 512
     synthetic_eval: int = 100
     image_aspect: str = "pad"
-    """LLaVA-1.5 ``pad`` (to a square of the mean colour) or ``resize``."""
+    """LLaVA-1.5 ``pad`` (to a square of the mean colour, then resize; the recipes' default, as LLaVA-1.5)
+    or ``resize`` (shortest side to the tower's size, centre crop: what the exported processor does)."""
     max_skip_fraction: float = 0.01
     """The run fails when more than this share of a stage's samples is skipped as bad input."""
     num_workers: int = 0
     """DataLoader worker processes that build micro-batches (image decoding, collation)."""
+    vision_cache: str | None = None
+    """Folder of the vision-feature cache (``--vision-cache``): the frozen tower's output per image is
+    computed once and read by every stage and backbone; None or ``""``: off (the tower runs every step)."""
+    vision_cache_dtype: str = "fp16"
+    """Stored dtype of cached features: ``fp16`` or ``bf16``."""
+    vision_cache_batch: int = 32
+    """Images per tower call in the cache's precompute pass."""
 
     def __post_init__(self):
+        if self.vision_cache == "":
+            self.vision_cache = None
+        _check(self.vision_cache_dtype in ("fp16", "bf16"), "data.vision_cache_dtype",
+               f"must be 'fp16' or 'bf16', got {self.vision_cache_dtype!r}")
+        _check(self.vision_cache_batch >= 1, "data.vision_cache_batch", "must be >= 1")
         _check(self.image_aspect in ("pad", "resize"), "data.image_aspect", f"must be 'pad' or 'resize', got "
                f"{self.image_aspect!r}")
         _check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")

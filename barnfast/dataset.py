@@ -1,7 +1,8 @@
 """A stage's samples, encoded once, validated, and served as micro-batches.
 
 Every sample is encoded up front (chat template → input_ids and labels, each ``<image>``
-expanded to the vision tower's token count) because the planner needs every length before the
+expanded to ``num_image_tokens``: the model's ``visual_tokens_per_image``, i.e. the projector's
+output count — the tower's for the MLP/linear projectors, the latents for the perceiver) because the planner needs every length before the
 first step. A sample that cannot be used — missing or corrupt image, no assistant turn, longer
 than the context, placeholder count that differs from its images — is skipped, counted, and its
 id and reason written to ``skipped_samples.jsonl``; the stage fails only when the skipped share
@@ -56,9 +57,13 @@ class StageDataset:
     def __init__(self, samples: list[Sample], *, tokenizer, template: str, image_token_id: int,
                  vision: VisionTower, image_root: str | Path, max_length: int, image_aspect: str = "pad",
                  max_skip_fraction: float = 0.01, skipped_path: str | Path | None = None, show_progress: bool = True,
-                 pad_id: int = 0):
+                 pad_id: int = 0, num_image_tokens: int | None = None, image_size: int | None = None):
         self.vision = vision
         self.image_aspect = image_aspect
+        self.num_image_tokens = vision.num_tokens if num_image_tokens is None else int(num_image_tokens)
+        self.image_size = image_size or vision.image_size  # S2: image_size * max(scales)
+        self.cache = None  # a VisionFeatureCache once use_vision_cache() is called
+        self.image_keys: dict[Path, str] = {}
         self.pad_id = pad_id
         self.items: list[Encoded] = []
         self.skipped: list[tuple[str, str]] = []
@@ -72,7 +77,8 @@ class StageDataset:
                 for p in paths:
                     _check_image(p)
                 ids, labels = encode_conversation(tokenizer, template, s.conversations,
-                                                  image_token_id=image_token_id, num_image_tokens=vision.num_tokens)
+                                                  image_token_id=image_token_id,
+                                                  num_image_tokens=self.num_image_tokens)
                 if len(ids) > max_length:
                     raise SampleError(f"{len(ids)} tokens, longer than the context of {max_length}")
                 if not any(x != -100 for x in labels):
@@ -99,11 +105,35 @@ class StageDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def image_paths(self) -> list[Path]:
+        """Every image of the kept samples, in order, without repeats."""
+        return list(dict.fromkeys(p for e in self.items for p in e.images))
+
+    def load_pixels(self, path: Path) -> torch.Tensor:
+        """``(3, image_size, image_size)`` pixels of one image, preprocessed for the tower."""
+        return self.vision.preprocess(load_image(path), mode=self.image_aspect, size=self.image_size)
+
     def pixels(self, i: int) -> torch.Tensor | None:
         paths = self.items[i].images
         if not paths:
             return None
-        return torch.stack([self.vision.preprocess(load_image(p), mode=self.image_aspect) for p in paths])
+        return torch.stack([self.load_pixels(p) for p in paths])
+
+    def use_vision_cache(self, cache, keys: dict[Path, str]) -> None:
+        """Serve packed micro-batches as cached tower features (``keys``: image path → cache key, from
+        ``cache.fill``). Padded batches (the LLaVA-way baseline) keep pixels."""
+        self.cache, self.image_keys = cache, dict(keys)
+
+    def features(self, i: int) -> torch.Tensor | None:
+        """``(n_i, P, C)`` cached features of sample ``i``'s images, None when it has none; ``KeyError``
+        when an entry is missing or fails its size/CRC check (``packed`` then falls back to pixels)."""
+        paths = self.items[i].images
+        if not paths:
+            return None
+        feats = [self.cache.get(self.image_keys[p]) if p in self.image_keys else None for p in paths]
+        if any(f is None for f in feats):
+            raise KeyError(paths)
+        return torch.stack(feats)
 
     def _gather(self, indices):
         idx = [int(i) for i in indices]
@@ -111,6 +141,15 @@ class StageDataset:
                 [self.pixels(i) for i in idx], [self.items[i].id for i in idx])
 
     def packed(self, indices) -> PackedBatch:
+        if self.cache is not None:
+            idx = [int(i) for i in indices]
+            try:
+                feats = [self.features(i) for i in idx]
+            except KeyError:  # an entry went bad after the fill pass: this micro-batch runs the tower
+                feats = None
+            if feats is not None:
+                return collate_packed([self.items[i].input_ids for i in idx], [self.items[i].labels for i in idx],
+                                      [None] * len(idx), [self.items[i].id for i in idx], features=feats)
         return collate_packed(*self._gather(indices))
 
     def padded(self, indices) -> PaddedBatch:

@@ -42,6 +42,9 @@ from .distributed import gradient_sync
 from .export import export_hf
 from .model import build_model
 from .runinfo import write_run_record
+from .s2 import input_size as s2_input_size
+from .vision_cache import VisionFeatureCache
+from .vision_cache import settings_for as vision_cache_settings
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_ratio: float) -> float:
@@ -110,7 +113,9 @@ class Trainer:
             self.backbone, self.vision, model_path=recipe.model.model_path, vision_path=recipe.model.vision_path,
             seed=recipe.train.seed, projector_approximate=recipe.model.projector_approximate,
             pad_vocab_to_multiple_of=recipe.model.pad_vocab_to_multiple_of,
-            kernel_backend=recipe.train.kernel_backend,
+            kernel_backend=recipe.train.kernel_backend, projector=recipe.model.projector,
+            perceiver_latents=recipe.model.perceiver_latents, perceiver_depth=recipe.model.perceiver_depth,
+            s2_scales=recipe.model.s2_scales,
         )
         self.model.to(self.device)
         use_bf16 = recipe.train.dtype == "bf16" or (recipe.train.dtype == "auto" and self.device.type == "cuda")
@@ -174,14 +179,34 @@ class Trainer:
             self.backbone.chat_template if stage.template == "auto" else stage.template)
         stage_dir = self.out / stage.name
         stage_dir.mkdir(parents=True, exist_ok=True)
-        return StageDataset(
+        data = StageDataset(
             load_llava_json(path), tokenizer=self.tokenizer, template=template,
             image_token_id=self.model.image_token_id, vision=self.vision, image_root=image_root,
             max_length=self.max_length, image_aspect=self.recipe.data.image_aspect,
             max_skip_fraction=self.recipe.data.max_skip_fraction,
             skipped_path=stage_dir / "skipped_samples.jsonl" if self.dist.is_main else None,
             show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
+            num_image_tokens=self.model.visual_tokens_per_image,
+            image_size=s2_input_size(self.vision, self.model.s2_scales),
         )
+        r = self.recipe
+        if r.data.vision_cache and r.train.packing:
+            # The frozen tower's features, encoded once per image (ranks share the missing ones) and
+            # served instead of pixels; padded (LLaVA-way) batches keep pixels.
+            cache = VisionFeatureCache(r.data.vision_cache, vision_cache_settings(
+                self.vision, s2_scales=self.model.s2_scales, image_aspect=r.data.image_aspect,
+                dtype=r.data.vision_cache_dtype, seed=r.train.seed, vision_path=r.model.vision_path))
+
+            def encode(pixels):
+                with self.autocast:  # the features the training step would compute
+                    return self.model.visual_features(pixels.to(self.device))
+
+            keys = cache.fill(data.image_paths(), data.load_pixels, encode, batch_size=r.data.vision_cache_batch,
+                              rank=self.dist.rank, world_size=self.dist.world_size,
+                              show_progress=self.show_progress, log=print if self.dist.is_main else None)
+            distributed.barrier(self.dist)
+            data.use_vision_cache(cache, keys)
+        return data
 
     def plan(self, data: StageDataset, stage, epoch: int) -> packing.EpochPlan:
         """The epoch's plan; a last step with fewer samples than ranks is dropped (it cannot be split)."""
@@ -413,6 +438,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-path", default=None, help="local Hugging Face checkpoint folder of the LLM")
     p.add_argument("--vision", default=None, help="vision tower registry name (default: clip-l-336 / its tiny twin)")
     p.add_argument("--vision-path", default=None, help="local folder of the vision tower's weights")
+    p.add_argument("--projector", default=None, choices=["mlp2x_gelu", "linear", "perceiver"],
+                   help="vision-language projector (default: the recipe's, mlp2x_gelu)")
+    p.add_argument("--s2", nargs="?", const="1,2", default=None, metavar="SCALES",
+                   help="S2 multi-scale vision features: --s2 (scales 1,2) or --s2 1,2,3")
+    p.add_argument("--vision-cache", default=None, metavar="DIR",
+                   help="cache of the frozen tower's features per image, shared by stages and backbones")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--data-stage1", default=None, help="LLaVA JSON of stage 1 (default: built-in synthetic)")
     p.add_argument("--data-stage2", default=None, help="LLaVA JSON of stage 2 (default: built-in synthetic)")
@@ -441,12 +472,21 @@ def _parse_value(text: str):
         return text
 
 
+def _parse_scales(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--s2 expects comma-separated integer scales such as 1,2,3, got {text!r}") from None
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     backbone = args.backbone
     name = args.recipe or ("llava15-tiny" if backbone and backbone.endswith("-tiny") else "llava15")
     overrides = {
         "model.backbone": backbone, "model.model_path": args.model_path, "model.vision": args.vision,
-        "model.vision_path": args.vision_path, "output_dir": args.output_dir,
+        "model.vision_path": args.vision_path, "output_dir": args.output_dir, "model.projector": args.projector,
+        "model.s2_scales": None if args.s2 is None else _parse_scales(args.s2),
+        "data.vision_cache": args.vision_cache,
         "data.stage1_data": args.data_stage1, "data.stage2_data": args.data_stage2, "data.image_root": args.image_root,
         "data.max_skip_fraction": args.max_skip_fraction, "train.seed": args.seed,
         "train.token_budget": args.token_budget, "train.packing": False if args.no_packing else None,
