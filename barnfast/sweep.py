@@ -2,7 +2,7 @@
 
     python -m barnfast.sweep --backbones llama1-tiny,llama2-tiny,llama3-tiny --output-dir out   # CPU, minutes
     torchrun --nproc_per_node 8 -m barnfast.sweep --backbones llama1,llama2,llama3 --output-dir out \\
-        --set model.model_path=... (per-backbone paths: --model-path llama1=/ckpt/l1,llama2=/ckpt/l2)
+        --model-path llama1=/ckpt/llama1,llama2=/ckpt/llama2,llama3=/ckpt/llama3
     python -m barnfast.analyze out
 
 For each backbone, stage 1, stage 2 (``barnfast.train``) and evaluation, with everything else the
