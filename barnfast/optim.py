@@ -80,7 +80,7 @@ def apply_float8(model: LlavaVLM, *, emulate: bool = False) -> int:
 
     Not ``lm_head`` (fused into the cross-entropy kernel, and float8 logits hurt), not the projector
     (small, trained from scratch in stage 1), not the frozen vision tower. Linears whose dimensions
-    are not multiples of 16 stay as they are. The packed length T is the inner dimension of the
+    are not multiples of 16, and LoRA adapters, stay as they are. The packed length T is the inner dimension of the
     weight-gradient matmul and is rarely a multiple of 16: ``pad_inner_dim`` pads it (one copy).
     Apply before :func:`barnfast.parallel.apply_fsdp`. Raises RuntimeError naming ``train.float8``
     where float8 cannot run. ``emulate``: float8 rounding with high-precision matmuls, on any device
@@ -94,7 +94,8 @@ def apply_float8(model: LlavaVLM, *, emulate: bool = False) -> int:
     config = f8.Float8LinearConfig(pad_inner_dim=True, emulate=emulate)
 
     def eligible(mod: nn.Module, fqn: str) -> bool:
-        return (type(mod) is nn.Linear and mod.in_features % FLOAT8_DIM_MULTIPLE == 0
+        # LoRA: its base linear (``q_proj.base_layer``) converts, its rank-r adapters stay as they are.
+        return (type(mod) is nn.Linear and "lora_" not in fqn and mod.in_features % FLOAT8_DIM_MULTIPLE == 0
                 and mod.out_features % FLOAT8_DIM_MULTIPLE == 0)
 
     layers = model.language_model.layers

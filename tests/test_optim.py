@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from barnfast.errors import ConfigError
+from barnfast.lora import LoraConfig, apply_lora
 from barnfast.optim import apply_float8, build_optimizer, float8_supported
 from tests.model_utils import grads, make_samples, packed, tiny_model
 from tests.utils import requires_cuda
@@ -115,6 +116,15 @@ def test_float8_conversion_numerics_emulated_on_any_device():
     assert loss == pytest.approx(loss_ref, rel=1e-3)
     # e4m3 activations/weights, e5m2 gradients (2 mantissa bits): observed 0.06-0.11 relative norm error.
     assert all(1e-4 < r < 0.25 for r in rel.values()), rel
+
+
+def test_float8_converts_lora_base_layers_not_adapters():
+    model, _ = tiny_model("llama3-tiny")
+    apply_lora(model, LoraConfig(rank=16))  # rank 16: the adapters' dimensions would qualify
+    assert apply_float8(model, emulate=True) == 7 * len(model.language_model.layers)
+    kinds = {("adapter" if "lora_" in name else "base", type(m).__name__)
+             for name, m in model.language_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == {("base", "Float8Linear"), ("adapter", "Linear")}, kinds
 
 
 @requires_cuda
