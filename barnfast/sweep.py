@@ -90,7 +90,9 @@ def _model_paths(spec: str | None) -> dict[str, str]:
 def train_argv(cfg: dict, backbone: str, run_dir: Path, no_progress: bool) -> list[str]:
     """The ``barnfast.train`` arguments of one run: identical for every backbone except the name."""
     argv = ["--backbone", backbone, "--output-dir", str(run_dir), "--seed", str(cfg["seed"]),
-            "--set", f'data.synthetic_dir="{cfg["data_dir"]}"']
+            "--set", f'data.synthetic_dir="{cfg["data_dir"]}"',
+            # The frozen tower's features, computed once for all backbones (off: --set data.vision_cache="").
+            "--vision-cache", str(Path(cfg["data_dir"]).parent / "vision_cache")]
     if cfg["recipe"]:
         argv += ["--recipe", cfg["recipe"]]
     if cfg["max_steps"] is not None:
