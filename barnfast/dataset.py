@@ -1,8 +1,9 @@
 """A stage's samples, encoded once, validated, and served as micro-batches.
 
 Every sample is encoded up front (chat template → input_ids and labels, each ``<image>``
-expanded to ``num_image_tokens``: the model's ``visual_tokens_per_image``, i.e. the projector's
-output count — the tower's for the MLP/linear projectors, the latents for the perceiver) because the planner needs every length before the
+expanded to ``num_image_tokens``: the model's ``visual_tokens_per_image``, i.e. the
+projector's output count — the tower's for the MLP/linear projectors, the latents for the
+perceiver) because the planner needs every length before the
 first step. A sample that cannot be used — missing or corrupt image, no assistant turn, longer
 than the context, placeholder count that differs from its images — is skipped, counted, and its
 id and reason written to ``skipped_samples.jsonl``; the stage fails only when the skipped share

@@ -34,7 +34,6 @@ import torch
 from .model import IMAGE_TOKEN, LlavaVLM
 from .projectors import LinearProjector, projector_kind
 
-
 BARNFAST_META = "barnfast.json"
 
 

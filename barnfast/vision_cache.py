@@ -167,7 +167,7 @@ class VisionFeatureCache:
         for p, k in keys.items():
             first_path.setdefault(k, p)
         missing, corrupt = [], 0
-        for k, p in first_path.items():
+        for k in first_path:
             if self.get(k) is None:
                 missing.append(k)
                 corrupt += self.path(k).exists()
