@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -57,24 +56,3 @@ def close(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
-
-@contextlib.contextmanager
-def gradient_sync(module: torch.nn.Module, enabled: bool):
-    """Accumulate without reducing gradients while ``enabled`` is False, the same way under DDP and FSDP2.
-
-    DDP: ``no_sync()``; FSDP2: ``set_requires_gradient_sync(False)`` for the duration; a plain
-    module (one process): nothing to do.
-    """
-    if enabled:
-        yield
-    elif hasattr(module, "no_sync"):
-        with module.no_sync():
-            yield
-    elif hasattr(module, "set_requires_gradient_sync"):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    else:
-        yield

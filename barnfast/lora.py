@@ -98,8 +98,18 @@ def merge_lora(model: LlavaVLM) -> None:
     Afterwards ``model.hf.state_dict()`` has the keys it had before :func:`apply_lora`; the merged
     weights keep their ``requires_grad`` (frozen). No-op on a model without adapters.
     """
+    _remove_lora(model, merge=True)
+
+
+def unload_lora(model: LlavaVLM) -> None:
+    """Put the plain base linears back *without* merging: the model is the base model again."""
+    _remove_lora(model, merge=False)
+
+
+def _remove_lora(model: LlavaVLM, merge: bool) -> None:
     for name, layer in _lora_layers(model):
-        layer.merge(safe_merge=True, adapter_names=[ADAPTER])  # safe: raises on non-finite merged weights
+        if merge:
+            layer.merge(safe_merge=True, adapter_names=[ADAPTER])  # safe: raises on non-finite merged weights
         parent_name, _, child = name.rpartition(".")
         parent = model.language_model.get_submodule(parent_name)
         base = layer.get_base_layer()

@@ -38,9 +38,9 @@ from .config import Recipe, load_recipe
 from .data.llava import load_llava_json
 from .data.synthetic import ensure_synthetic
 from .dataset import MicroBatches, StageDataset
-from .distributed import gradient_sync
 from .export import export_hf
 from .model import build_model
+from .parallel import gradient_sync
 from .runinfo import write_run_record
 from .s2 import input_size as s2_input_size
 from .vision_cache import VisionFeatureCache
@@ -109,16 +109,10 @@ class Trainer:
         self.backbone = backbones.from_name(recipe.model.backbone)
         self.vision = vision_registry.from_name(resolve_vision_name(recipe))
         seed_everything(recipe.train.seed)
-        self.model, self.tokenizer = build_model(
-            self.backbone, self.vision, model_path=recipe.model.model_path, vision_path=recipe.model.vision_path,
-            seed=recipe.train.seed, projector_approximate=recipe.model.projector_approximate,
-            pad_vocab_to_multiple_of=recipe.model.pad_vocab_to_multiple_of,
-            kernel_backend=recipe.train.kernel_backend, projector=recipe.model.projector,
-            perceiver_latents=recipe.model.perceiver_latents, perceiver_depth=recipe.model.perceiver_depth,
-            s2_scales=recipe.model.s2_scales,
-        )
+        self.model, self.tokenizer = build_model(self.backbone, self.vision, **self._model_kwargs())
         self.model.to(self.device)
         use_bf16 = recipe.train.dtype == "bf16" or (recipe.train.dtype == "auto" and self.device.type == "cuda")
+        self.use_bf16 = use_bf16
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
         self.max_length = recipe.train.max_length or self.backbone.max_position_embeddings
@@ -139,6 +133,14 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.dist.is_main:
             write_run_record(self.out / "run.json", recipe.to_dict(), self.dist.world_size, self.device)
+
+    def _model_kwargs(self) -> dict:
+        """What build_model needs from the recipe (the same for the trained model and its export copy)."""
+        m, t = self.recipe.model, self.recipe.train
+        return dict(model_path=m.model_path, vision_path=m.vision_path, seed=t.seed,
+                    projector_approximate=m.projector_approximate, pad_vocab_to_multiple_of=m.pad_vocab_to_multiple_of,
+                    kernel_backend=t.kernel_backend, projector=m.projector, perceiver_latents=m.perceiver_latents,
+                    perceiver_depth=m.perceiver_depth, s2_scales=m.s2_scales)
 
     def _on_sigterm(self, signum, frame) -> None:
         # What a cluster scheduler sends before killing the job: finish the step, save, exit.
@@ -232,13 +234,17 @@ class Trainer:
 
     # -- one stage ----------------------------------------------------------------------------
     def prepare_stage(self, stage) -> None:
-        """Freeze/unfreeze for the stage, and apply the recipe's LoRA (stage 2)."""
-        self.model.set_trainable(projector=True, llm=stage.train_llm)
-        if stage.train_llm and self.recipe.lora.enabled and not self._lora_applied:
+        """Freeze/unfreeze for the stage; with LoRA, stage 2 trains the adapters and the projector only."""
+        lora = stage.train_llm and self.recipe.lora.enabled
+        self.model.set_trainable(projector=True, llm=stage.train_llm and not lora)
+        if lora and not self._lora_applied:
             from .lora import apply_lora
 
             apply_lora(self.model, self.recipe.lora.to_lora_config())
             self._lora_applied = True
+        elif lora:
+            for name, p in self.model.language_model.named_parameters():
+                p.requires_grad_(".lora_" in name)
 
     def wrap(self, stage):
         """The module the step calls: DDP, FSDP2 or the model itself."""
@@ -247,7 +253,7 @@ class Trainer:
             if self._fsdp is None:
                 from .parallel import apply_fsdp
 
-                self._fsdp = apply_fsdp(self.model)
+                self._fsdp = apply_fsdp(self.model, param_dtype=torch.bfloat16 if self.use_bf16 else None)
             return self._fsdp
         if d.enabled:
             return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -418,15 +424,52 @@ class Trainer:
         }
 
     def export(self) -> Path:
+        """The final model as a Hugging Face folder (LoRA merged on request; FSDP shards gathered first)."""
         dest = self.out / "export"
-        if self.dist.is_main:
-            export_hf(self.model, self.tokenizer, dest, meta={
-                "backbone": self.backbone.name, "chat_template": self.backbone.chat_template,
+        meta = {"backbone": self.backbone.name, "chat_template": self.backbone.chat_template,
                 "stop_tokens": list(self.backbone.stop_tokens), "image_aspect": self.recipe.data.image_aspect,
-                "seed": self.recipe.train.seed,
-            })
+                "seed": self.recipe.train.seed}
+        model = self.model
+        if self._fsdp is not None:  # every rank takes part in the gather; rank 0 rebuilds an unsharded copy
+            from .parallel import full_state_dict
+
+            state = full_state_dict(self.model)
+            if self.dist.is_main:
+                model = self._unsharded_copy(state)
+        if self.dist.is_main:
+            lora = self._lora_applied
+            if lora and self.recipe.lora.merge_on_export:
+                from .lora import merge_lora
+
+                merge_lora(model)
+            elif lora:  # base weights as a plain Llava folder, the adapters beside them
+                import copy
+
+                from safetensors.torch import save_file
+
+                from .lora import lora_state_dict, unload_lora
+
+                adapters = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+                model = copy.deepcopy(model)
+                unload_lora(model)
+                dest.mkdir(parents=True, exist_ok=True)
+                save_file(adapters, str(dest / "lora_adapters.safetensors"))
+                meta["lora"] = {"rank": self.recipe.lora.rank, "alpha": self.recipe.lora.alpha,
+                                "target_modules": list(self.recipe.lora.target_modules), "merged": False}
+            export_hf(model, self.tokenizer, dest, meta=meta)
         distributed.barrier(self.dist)
         return dest
+
+    def _unsharded_copy(self, state: dict):
+        """A plain (unsharded, CPU) model built like this one, holding ``state``: what FSDP export writes."""
+        r = self.recipe
+        model, _ = build_model(self.backbone, self.vision, **self._model_kwargs())
+        if self._lora_applied:
+            from .lora import apply_lora
+
+            apply_lora(model, r.lora.to_lora_config())
+        model.load_state_dict(state)
+        return model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
