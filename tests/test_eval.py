@@ -176,3 +176,31 @@ def test_lmms_eval_adapter_on_a_fake_task():
                                            "fake_mc", "test"))])
     ids, _, _ = vlm.greedy(vlm.prompt_ids(docs[0]["question"]), vlm.pixel_values([docs[0]["image"]]), 5)
     assert gen == [vlm.decode(ids).split("\n\n")[0]]
+
+
+def test_lmms_eval_registration_with_real_lmms_eval():
+    """Runs where lmms-eval is importable (it is not a dependency): registered, real Instance objects."""
+    pytest.importorskip("lmms_eval.api.registry", reason="lmms-eval is not installed")
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.api.model import lmms
+    from lmms_eval.api.registry import get_model
+
+    from barnfast import lmms_eval_adapter
+
+    assert lmms_eval_adapter.HAS_LMMS_EVAL and issubclass(BarnfastLMM, lmms)
+    assert get_model("barnfast") is BarnfastLMM
+    out, _ = finished_sweep()
+    lm = BarnfastLMM(pretrained=str(out / BACKBONES[0] / "export"), device="cpu")
+    item = load_items(_data() / "eval_yesno.jsonl", limit=1)[0]
+    from barnfast.data.images import load_image
+
+    lm.task_dict = {"fake_yn": {"test": [{"image": load_image(item.image)}]}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    reqs = [Instance(request_type="loglikelihood", arguments=(item.prompt, ans, visual, 0, "fake_yn", "test"),
+                     idx=i, metadata={"task": "fake_yn", "doc_id": 0, "repeats": 1})
+            for i, ans in enumerate(("yes", "no"))]
+    (ll_yes, _), (ll_no, _) = lm.loglikelihood(reqs)
+    vlm, pv = lm.vlm, lm.vlm.pixel_values([item.image])
+    for ans, ll in (("yes", ll_yes), ("no", ll_no)):
+        cont = vlm.answer_ids(item.prompt, ans, include_stop=False)
+        assert ll == pytest.approx(float(vlm.continuation_logprobs(vlm.prompt_ids(item.prompt), [cont], pv)[0].sum()))
