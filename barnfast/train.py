@@ -276,8 +276,8 @@ class Trainer:
         plan = self.plan(data, stage, epoch=0)
         per_epoch = plan.num_steps
         total = per_epoch * stage.epochs if stage.max_steps is None else min(per_epoch * stage.epochs, stage.max_steps)
+        module = self.wrap(stage)  # first: fully_shard replaces the parameters with sharded ones
         params = [p for p in self.model.parameters() if p.requires_grad]
-        module = self.wrap(stage)
         opt = self.build_optimizer(params, stage)
         start, nonfinite = 0, 0
         if resume is not None:

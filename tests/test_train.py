@@ -123,10 +123,10 @@ def test_bad_recipe_value_fails_before_work(tmp_path):
 
 
 # -- two processes ----------------------------------------------------------------------------
-def _run(out: Path, nproc: int, data: Path):
+def _run(out: Path, nproc: int, data: Path, *extra: str):
     args = ["--backbone", "llama3-tiny", "--output-dir", str(out), "--max-steps", "3", "--set",
             f'data.synthetic_dir="{data}"', "--set", "stages.global_batch=8", "--set", "train.token_budget=128",
-            *SMALL]
+            *SMALL, *extra]
     cmd = [sys.executable, "-m", "barnfast.train", *args] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "barnfast.train", *args]
