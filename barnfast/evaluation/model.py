@@ -105,15 +105,17 @@ class ExportedVLM:
         pv = None
         if pixel_values is not None:
             pv = pixel_values.repeat(k, 1, 1, 1).to(self.device, self.model.dtype)
+        # Every continuation starts at position p: only the last width - p + 1 positions' logits are
+        # needed (a 7B model with 576 image slots and a 128k vocabulary would otherwise hold k·W·V floats).
+        keep = width - p + 1
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            pixel_values=pv).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)  # (k, W, V)
+                            pixel_values=pv, logits_to_keep=keep).logits  # (k, keep, V)
         out = []
         for i, c in enumerate(continuations):
-            pos = torch.arange(p - 1, p - 1 + len(c), device=self.device)
+            logp = torch.log_softmax(logits[i, :len(c)].float(), dim=-1)  # (len(c), V)
             tgt = torch.tensor(c, device=self.device)
-            lp = logp[i, pos, tgt].double().cpu().numpy()
-            out.append((lp, bool((logp[i, pos].argmax(-1) == tgt).all())) if with_greedy else lp)
+            lp = logp[torch.arange(len(c), device=self.device), tgt].double().cpu().numpy()
+            out.append((lp, bool((logp.argmax(-1) == tgt).all())) if with_greedy else lp)
         return out
 
     @torch.no_grad()
@@ -123,7 +125,7 @@ class ExportedVLM:
         log-probability of every chosen token including the stop token, stopped)."""
         ids = torch.tensor([prompt_ids], device=self.device)
         pv = pixel_values.to(self.device, self.model.dtype) if pixel_values is not None else None
-        out = self.model(input_ids=ids, pixel_values=pv, use_cache=True)
+        out = self.model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1)
         tokens, logps = [], []
         for _ in range(max_new_tokens):
             logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
@@ -145,5 +147,5 @@ class ExportedVLM:
         mean-pooled over all positions of the prompt, image slots included."""
         ids = torch.tensor([prompt_ids], device=self.device)
         pv = pixel_values.to(self.device, self.model.dtype) if pixel_values is not None else None
-        hs = self.model(input_ids=ids, pixel_values=pv, output_hidden_states=True).hidden_states
+        hs = self.model(input_ids=ids, pixel_values=pv, output_hidden_states=True, logits_to_keep=1).hidden_states
         return torch.stack([h[0].float().mean(dim=0) for h in hs]).double().cpu().numpy()
