@@ -179,14 +179,14 @@ def fig_accuracy(acc: dict, path: Path) -> None:
 
 
 def fig_upset(backbones: list[str], rows: list[dict], path: Path) -> None:
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(5, 0.7 * len(rows) + 2), 4.5), sharex=True,
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.5, 0.7 * len(rows) + 2), 4.5), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1.3]})
     x = np.arange(len(rows))
     top.bar(x, [r["count"] for r in rows], color="#444")
     for xi, r in zip(x, rows):
         top.text(xi, r["count"], str(r["count"]), ha="center", va="bottom", fontsize=8)
     top.set_ylabel("items")
-    top.set_title("items by the set of backbones that answer them correctly (UpSet)")
+    top.set_title("items by the set of backbones that solve them (UpSet)", fontsize=10)
     for yi, b in enumerate(backbones):
         on = [b in r["solved_by"] for r in rows]
         bottom.scatter(x, [yi] * len(rows), c=["#222" if o else "#ddd" for o in on], s=60)
