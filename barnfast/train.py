@@ -130,9 +130,13 @@ class Trainer:
             from .optim import apply_float8
 
             apply_float8(self.model)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.dist.is_main:
             write_run_record(self.out / "run.json", recipe.to_dict(), self.dist.world_size, self.device)
+
+    def close(self) -> None:
+        """Give SIGTERM back to whoever handled it before (a sweep, a test runner)."""
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     def _model_kwargs(self) -> dict:
         """What build_model needs from the recipe (the same for the trained model and its export copy)."""
@@ -557,10 +561,12 @@ def main(argv=None) -> int:
         trainer = Trainer(recipe, info, show_progress=not args.no_progress)
         try:
             trainer.run(resume=args.resume)
+            trainer.export()
         except Preempted as exc:
             print(exc, flush=True)
             return 143  # 128 + SIGTERM, as the scheduler expects
-        trainer.export()
+        finally:
+            trainer.close()
     finally:
         distributed.close(info)
     return 0
