@@ -22,8 +22,25 @@ def shift_targets(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+class _TokenCounts:
+    """Token counts shared by both batch kinds (``input_ids`` and ``targets`` of the same shape)."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed: real tokens, plus padding in a padded batch."""
+        return int(self.input_ids.numel())
+
+    @property
+    def num_targets(self) -> torch.Tensor:
+        """Tokens with a loss term (0-dim tensor on the batch's device: no host sync)."""
+        return (self.targets != IGNORE_INDEX).sum()
+
+
 @dataclass
-class PackedBatch:
+class PackedBatch(_TokenCounts):
     """One packed micro-batch of B samples and T tokens in total."""
 
     input_ids: torch.Tensor  # (T,) int64, image placeholders included
@@ -36,14 +53,6 @@ class PackedBatch:
     # (I, P, C) frozen-tower features of the images in order, from the vision-feature cache, or None;
     # when set, pixel_values is None and the model skips the tower.
     visual_features: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
-    @property
-    def num_targets(self) -> torch.Tensor:
-        return (self.targets != IGNORE_INDEX).sum()
 
     @property
     def num_images(self) -> int:
@@ -60,7 +69,7 @@ class PackedBatch:
 
 
 @dataclass
-class PaddedBatch:
+class PaddedBatch(_TokenCounts):
     """B samples right-padded to the longest, as the original LLaVA code batches them."""
 
     input_ids: torch.Tensor  # (B, S) int64, pad_id after each sample's end
@@ -70,12 +79,8 @@ class PaddedBatch:
     sample_ids: list[str] = field(default_factory=list)
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
-    @property
-    def num_targets(self) -> torch.Tensor:
-        return (self.targets != IGNORE_INDEX).sum()
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
 
     def to(self, device: torch.device, non_blocking: bool = True) -> PaddedBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731

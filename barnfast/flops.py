@@ -10,9 +10,11 @@ included) with ``I`` images:
   L×L square: forward 2·2·d·L²/2 per layer, ×3 with backward)
 - decoder, frozen (stage 1): the backward still computes input gradients, not weight gradients:
   4 · N_dec · ΣL_i + attention 6 · n_layers · d · ΣL_i² (the attention backward has no weights)
-- projector: 6 · N_proj · (visual tokens)
-- vision tower, frozen, forward only: 2 · N_vis · I · (patches + 1)
-  + attention 4 · n_vis_layers · d_vis · I · (patches + 1)²
+- projector: 6 · N_proj · I · (tower tokens per image): exact for the MLP and linear projectors; for the
+  perceiver resampler a lower bound (its latent self-attention is not counted)
+- vision tower, frozen, forward only, per encoded tile (one per image, Σ s² with S2 scales s):
+  2 · N_vis · (patches + prefix) + attention 4 · n_vis_layers · d_vis · (patches + prefix)²;
+  zero when the features come from the vision-feature cache (nothing is computed)
 
 MFU = step FLOPs / (step time × peak dense bf16 FLOP/s of one device × devices).
 """
@@ -64,11 +66,15 @@ class FlopCounter:
         self.n_vis = _linear_params(model.vision_tower)
         self.vis_layers = vcfg.num_hidden_layers
         self.vis_d = vcfg.hidden_size
-        self.vis_tokens = model.vision.num_tokens + (1 if model.vision.drop_cls else 0)
-        self.visual_per_image = model.vision.num_tokens
+        prefix = getattr(model.vision, "num_prefix_tokens", int(model.vision.drop_cls))  # CLS (+ registers)
+        self.vis_tokens = model.vision.num_tokens + prefix
+        self.tiles_per_image = sum(s * s for s in getattr(model, "s2_scales", (1,)))
+        self.tower_tokens_per_image = model.vision.num_tokens
 
-    def step(self, sum_len: float, sum_len_sq: float, num_images: float, train_llm: bool) -> float:
+    def step(self, sum_len: float, sum_len_sq: float, num_images: float, train_llm: bool,
+             vision_computed: bool = True) -> float:
         dec = (6 if train_llm else 4) * self.n_dec * sum_len + 6 * self.layers * self.d * sum_len_sq
-        proj = 6 * self.n_proj * num_images * self.visual_per_image
-        vis = num_images * (2 * self.n_vis * self.vis_tokens + 4 * self.vis_layers * self.vis_d * self.vis_tokens ** 2)
+        proj = 6 * self.n_proj * num_images * self.tower_tokens_per_image
+        per_tile = 2 * self.n_vis * self.vis_tokens + 4 * self.vis_layers * self.vis_d * self.vis_tokens ** 2
+        vis = num_images * self.tiles_per_image * per_tile if vision_computed else 0.0
         return dec + proj + vis

@@ -409,14 +409,15 @@ class Trainer:
             lens.sum(), (lens ** 2).sum(),
             torch.tensor(float(sum(b.num_tokens for b in batches)), **f64),
             torch.tensor(float(sum(len(b.sample_ids) for b in batches)), **f64),
-            torch.tensor(float(sum(0 if b.pixel_values is None else b.pixel_values.shape[0] for b in batches)), **f64),
+            torch.tensor(float(sum(b.num_images for b in batches)), **f64),
         ])
         real, len_sq, computed, n_samples, n_images = distributed.all_reduce_sum(stats, d).tolist()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         self.samples_seen += int(n_samples)
-        flops = self.flops.step(real, len_sq, n_images, stage.train_llm)
+        cached = all(getattr(b, "visual_features", None) is not None or b.pixel_values is None for b in batches)
+        flops = self.flops.step(real, len_sq, n_images, stage.train_llm, vision_computed=not cached)
         peak = flops_lib.peak_flops(self.device)
         return {
             "step": step, "stage": stage.name, "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
