@@ -56,9 +56,9 @@ STEPS = [
 
 def device_slug_and_date() -> tuple[str, str]:
     sys.path.insert(0, str(ROOT))
-    from bench.harness import env_info, slug
-
     import torch
+
+    from bench.harness import env_info, slug
 
     info = env_info("cuda" if torch.cuda.is_available() else "cpu")
     return slug(info["device"]), info["date"]

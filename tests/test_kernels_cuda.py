@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from barnfast.kernels import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
@@ -17,6 +16,7 @@ from barnfast.kernels import (
     projector_mlp,
     projector_mlp_ref,
 )
+
 from tests.utils import assert_close_to_ref, requires_compiled_triton
 
 pytestmark = requires_compiled_triton
