@@ -126,7 +126,7 @@ class LlavaVLM(nn.Module):
         hidden = self.hidden_states(batch)
         loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, batch.targets, reduction="mean",
                                           num_target_tokens=num_target_tokens, backend=self.kernel_backend)
-        if batch.pixel_values is None and self.projector.linear_1.weight.requires_grad:
+        if batch.num_images == 0 and self.projector.linear_1.weight.requires_grad:
             # A micro-batch with no image still gives the projector a (zero) gradient, so every
             # rank reduces the same parameters.
             loss = loss + 0.0 * sum(p.sum() for p in self.projector.parameters())
@@ -238,7 +238,7 @@ def build_model(backbone, vision: VisionTower, *, model_path: str | None = None,
         torch.manual_seed(seed + 1)
         hf.model.multi_modal_projector = build_projector(
             projector, vision.hidden_size * len(s2_scales), H, approximate=projector_approximate,
-            perceiver_latents=perceiver_latents, perceiver_depth=perceiver_depth).to(dtype)
+            perceiver_latents=perceiver_latents, perceiver_depth=perceiver_depth, backend=kernel_backend).to(dtype)
     vlm = LlavaVLM(hf, vision, image_token_id, kernel_backend=kernel_backend)
     vlm.s2_scales = s2_scales
     config.image_seq_length = vlm.visual_tokens_per_image

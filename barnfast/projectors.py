@@ -106,10 +106,12 @@ class PerceiverResampler(nn.Module):
 
 
 def build_projector(kind: str, in_features: int, hidden: int, *, approximate: str = "none",
-                    perceiver_latents: int = 64, perceiver_depth: int = 3) -> nn.Module:
-    """A fresh projector (initialised from the current RNG) mapping width ``in_features`` to ``hidden``."""
+                    perceiver_latents: int = 64, perceiver_depth: int = 3, backend: str = "auto") -> nn.Module:
+    """A fresh projector (initialised from the current RNG) mapping width ``in_features`` to ``hidden``.
+
+    ``backend`` is the kernel backend of the fused MLP (``barnfast.kernels.projector_mlp``)."""
     if kind == "mlp2x_gelu":
-        return ProjectorMLP(in_features, hidden, hidden, bias=True, approximate=approximate)
+        return ProjectorMLP(in_features, hidden, hidden, bias=True, approximate=approximate, backend=backend)
     if kind == "linear":
         return LinearProjector(in_features, hidden)
     if kind == "perceiver":
