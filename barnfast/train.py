@@ -308,6 +308,7 @@ class Trainer:
                     with open(self.metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                smp_s=f"{rec['samples_per_s']:.1f}",
                                 **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}))
                 bar.update(1)
                 step += 1
