@@ -25,10 +25,12 @@ needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,6 +78,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def _single_process_quiet(info: distributed.DistInfo):
+    """One process is a supported case of torch.distributed.checkpoint, not a warning at every save."""
+    with warnings.catch_warnings():
+        if not info.enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def checkpoint_name(stage: str, step: int) -> str:
     return f"{stage}-step{step:06d}"
 
@@ -95,7 +106,8 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer: torch.o
     payload = {"model": get_model_state_dict(model, options=_OPTIONS)}
     if optimizer is not None:
         payload["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
-    dcp.save(payload, checkpoint_id=tmp, no_dist=not info.enabled)
+    with _single_process_quiet(info):
+        dcp.save(payload, checkpoint_id=tmp, no_dist=not info.enabled)
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
     distributed.barrier(info)
     if info.is_main:
@@ -153,7 +165,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     payload = {"model": get_model_state_dict(model, options=_OPTIONS)}
     if optimizer is not None:
         payload["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
-    dcp.load(payload, checkpoint_id=path, no_dist=not info.enabled)
+    with _single_process_quiet(info):
+        dcp.load(payload, checkpoint_id=path, no_dist=not info.enabled)
     set_model_state_dict(model, payload["model"], options=_LOAD_OPTIONS)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, payload["optim"], options=_LOAD_OPTIONS)
