@@ -228,7 +228,7 @@ class Trainer:
                           f"(longest: {int(data.lengths.max())} tokens)", stacklevel=2)
         return plan
 
-    def micro_batches(self, plan: packing.EpochPlan, lengths: np.ndarray, step: int) -> list[np.ndarray]:
+    def micro_batches(self, plan: packing.EpochPlan, step: int) -> list[np.ndarray]:
         """This rank's micro-batches of a step: packed by the planner, or fixed-size padded ones."""
         if self.recipe.train.packing:
             return plan.micro_batches(step, self.dist.rank)
@@ -350,7 +350,7 @@ class Trainer:
 
     def _loader(self, data: StageDataset, plan, steps: range):
         """Yields, per step, the list of this rank's micro-batches (built in DataLoader workers)."""
-        per_step = [self.micro_batches(plan, data.lengths, s) for s in steps]
+        per_step = [self.micro_batches(plan, s) for s in steps]
         flat = [mb for mbs in per_step for mb in mbs]
         ds = MicroBatches(data, flat, packed=self.recipe.train.packing)
         nw = self.recipe.data.num_workers
