@@ -148,3 +148,12 @@ def test_two_processes_match_one(tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["micro_batches"] >= 1
     assert any(r["micro_batches"] > 1 for r in one)  # the small budget forces accumulation
+
+
+def test_no_packing_trains_padded_and_logs_the_padding(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--backbone", "llama1-tiny", "--output-dir", str(out), "--no-packing", "--max-steps", "2",
+                 "--set", "train.micro_batch_size=4", *SMALL]) == 0
+    rows = _metrics(out)
+    assert [(r["stage"], r["micro_batches"]) for r in rows] == [("stage1", 4)] * 2 + [("stage2", 2)] * 2
+    assert all(0 < r["padding_efficiency"] < 1 for r in rows)  # padded to the longest of each micro-batch
