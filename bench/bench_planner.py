@@ -28,6 +28,7 @@ CONFIGS = [(128, 8192, 8), (128, 16384, 8), (128, 8192, 1), (128, 4096, 32)]
 
 
 def llava665k_like_lengths(n: int = N_LLAVA_665K, seed: int = 0) -> np.ndarray:
+    """Text ~140 tokens (lognormal, 20-1800), +576 visual tokens on ~94% of samples, ~1% long tail to 4096."""
     rng = np.random.default_rng(seed)
     lens = rng.lognormal(np.log(140), 0.5, n).clip(20, 1800).astype(np.int64)
     lens += 576 * (rng.random(n) > 0.06)

@@ -21,20 +21,11 @@ import pytest
 
 from barnfast import packing
 from barnfast.packing import padded_tokens, padding_efficiency, plan_epoch
+from bench.bench_planner import llava665k_like_lengths  # the benchmark's LLaVA-665k length model, one copy
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_ARRAYS = ("order", "step_offsets", "micro_samples", "micro_offsets", "micro_step", "micro_rank",
                "micro_tokens", "rank_micro_offsets", "dropped")
-
-
-def llava_like_lengths(n: int, seed: int) -> np.ndarray:
-    """Text 60-300-ish tokens, +576 visual tokens on ~94% of samples, ~1% long tail to 4096."""
-    rng = np.random.default_rng(seed)
-    lens = rng.lognormal(np.log(140), 0.5, n).clip(20, 1800).astype(np.int64)
-    lens += 576 * (rng.random(n) > 0.06)
-    tail = rng.random(n) < 0.01
-    lens[tail] = rng.integers(2048, 4097, tail.sum())
-    return lens
 
 
 def reference_plan(lengths, global_batch, token_budget, world_size, seed=0, epoch=0, drop_last=False):
@@ -95,7 +86,7 @@ CASES = [
 
 @pytest.mark.parametrize("n,G,budget,W,drop_last", CASES)
 def test_python_matches_reference_loops(n, G, budget, W, drop_last):
-    lens = llava_like_lengths(n, seed=n)
+    lens = llava665k_like_lengths(n, seed=n)
     plan = plan_epoch(lens, global_batch=G, token_budget=budget, world_size=W, seed=3, epoch=1,
                       drop_last=drop_last, backend="python")
     ref = reference_plan(lens.tolist(), G, budget, W, seed=3, epoch=1, drop_last=drop_last)
@@ -106,7 +97,7 @@ def test_python_matches_reference_loops(n, G, budget, W, drop_last):
 @pytest.mark.parametrize("W", [1, 3, 8])
 def test_every_sample_exactly_once(W, drop_last):
     n, G = 1000, 48  # 1000 % 48 = 40 samples in the last step
-    plan = plan_epoch(llava_like_lengths(n, 0), global_batch=G, token_budget=4096, world_size=W,
+    plan = plan_epoch(llava665k_like_lengths(n, 0), global_batch=G, token_budget=4096, world_size=W,
                       drop_last=drop_last, backend="python")
     assert plan.num_steps == (n // G if drop_last else -(-n // G))
     assert len(plan.dropped) == (n % G if drop_last else 0)
@@ -122,8 +113,8 @@ def test_every_sample_exactly_once(W, drop_last):
 def test_step_membership_ignores_lengths_and_world_size():
     """Every backbone of a sweep (different tokenizers) and every world size sees the same steps."""
     n, G = 2000, 128
-    a = plan_epoch(llava_like_lengths(n, 1), global_batch=G, token_budget=8192, world_size=8, seed=7)
-    b = plan_epoch(llava_like_lengths(n, 2) * 2, global_batch=G, token_budget=2048, world_size=2, seed=7)
+    a = plan_epoch(llava665k_like_lengths(n, 1), global_batch=G, token_budget=8192, world_size=8, seed=7)
+    b = plan_epoch(llava665k_like_lengths(n, 2) * 2, global_batch=G, token_budget=2048, world_size=2, seed=7)
     assert a.num_steps == b.num_steps
     for s in range(a.num_steps):
         assert np.array_equal(a.step_samples(s), b.step_samples(s))
@@ -132,7 +123,7 @@ def test_step_membership_ignores_lengths_and_world_size():
 
 @pytest.mark.parametrize("budget", [600, 2048, 8192])
 def test_micro_batches_within_budget(budget):
-    lens = llava_like_lengths(3000, 5)
+    lens = llava665k_like_lengths(3000, 5)
     plan = plan_epoch(lens, global_batch=128, token_budget=budget, world_size=4, backend="python")
     sizes = np.diff(plan.micro_offsets)
     tokens = np.add.reduceat(lens[plan.micro_samples], plan.micro_offsets[:-1])
@@ -148,7 +139,7 @@ def test_micro_batches_within_budget(budget):
 
 def test_ranks_balanced_by_tokens():
     """LPT bound: per step, max rank load - min rank load <= the longest sample of the step."""
-    lens = llava_like_lengths(4096, 9)
+    lens = llava665k_like_lengths(4096, 9)
     W = 8
     plan = plan_epoch(lens, global_batch=256, token_budget=8192, world_size=W, backend="python")
     loads = np.zeros((plan.num_steps, W), dtype=np.int64)
@@ -163,7 +154,7 @@ def test_ranks_balanced_by_tokens():
 
 
 def test_deterministic_and_seeded():
-    lens = llava_like_lengths(1500, 4)
+    lens = llava665k_like_lengths(1500, 4)
     kw = dict(global_batch=100, token_budget=4096, world_size=4)
     assert_same_plan(plan_epoch(lens, seed=1, **kw), plan_epoch(lens.tolist(), seed=1, **kw))
     base = plan_epoch(lens, seed=1, **kw).order
@@ -239,7 +230,7 @@ def native_module(tmp_path_factory):
 def test_native_matches_python(native_module, monkeypatch, n, G, budget, W, drop_last, seed):
     monkeypatch.setattr(packing, "_native", native_module)
     monkeypatch.setattr(packing, "HAS_NATIVE", True)
-    lens = llava_like_lengths(n, seed)
+    lens = llava665k_like_lengths(n, seed)
     lens[::97] = 1  # shortest possible samples, and many ties
     kw = dict(global_batch=G, token_budget=budget, world_size=W, seed=seed, epoch=2, drop_last=drop_last)
     py, nat = plan_epoch(lens, backend="python", **kw), plan_epoch(lens, backend="native", **kw)
@@ -250,6 +241,6 @@ def test_native_matches_python(native_module, monkeypatch, n, G, budget, W, drop
 def test_installed_native_matches_python():
     if not packing.HAS_NATIVE:
         pytest.skip(f"installed extension not checked: {packing.NATIVE_ERROR}")
-    lens = llava_like_lengths(5000, 1)
+    lens = llava665k_like_lengths(5000, 1)
     kw = dict(global_batch=128, token_budget=4096, world_size=8)
     assert_same_plan(plan_epoch(lens, backend="python", **kw), plan_epoch(lens, backend="native", **kw))
