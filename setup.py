@@ -2,8 +2,8 @@
 
     BARNFAST_BUILD_NATIVE=1 pip install -e .
 
-builds `barnfast._native` (C++). Without the switch nothing is compiled and the pure-Python
-fallback is used; `barnfast.packing` reports which one is active.
+builds `barnfast.data._native` (C++). Without the switch nothing is compiled and the pure-Python
+fallback is used; `barnfast.data.packing` reports which one is active.
 """
 
 import os
@@ -22,7 +22,7 @@ if os.environ.get("BARNFAST_BUILD_NATIVE", "0") == "1":
     )
     ext_modules.append(
         Extension(
-            "barnfast._native",
+            "barnfast.data._native",
             sources=sources,
             language="c++",
             extra_compile_args=["-O3", "-std=c++17"],

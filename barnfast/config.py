@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from barnfast.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -25,7 +25,7 @@ def _check(cond: bool, name: str, msg: str) -> None:
 @dataclass
 class ModelConfig:
     backbone: str = "llama1"
-    """Registry name of the LLM (``barnfast.backbones``), e.g. ``llama3`` or ``llama3-tiny``."""
+    """Registry name of the LLM (``barnfast.models.backbones``), e.g. ``llama3`` or ``llama3-tiny``."""
     model_path: str | None = None
     """Local Hugging Face checkpoint folder for the LLM; None: the registry's (tiny: random weights)."""
     vision: str = "auto"
@@ -200,7 +200,7 @@ class LoraSection:
         _check(len(self.target_modules) >= 1, "lora.target_modules", "must name at least one module")
 
     def to_lora_config(self):
-        from .lora import LoraConfig
+        from barnfast.training.lora import LoraConfig
 
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           target_modules=tuple(self.target_modules))

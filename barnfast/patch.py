@@ -18,7 +18,7 @@ What changes, on this instance only (other models in the process, and the classe
   The loss is Hugging Face's ``ForCausalLMLoss``: targets are ``labels[:, 1:]`` (or ``shift_labels``),
   ``ignore_index`` (default -100) is skipped, and the sum is divided by ``num_items_in_batch`` when the
   Trainer passes it (gradient accumulation over micro-batches), else by the count of non-ignored targets.
-- ``liger``: :func:`barnfast.liger.apply_liger_to_decoder` on the decoder (CUDA and liger-kernel only;
+- ``liger``: :func:`barnfast.models.liger.apply_liger_to_decoder` on the decoder (CUDA and liger-kernel only;
   a no-op with a log line otherwise).
 
 Parameter names and ``state_dict`` keys do not change, so ``save_pretrained``/``from_pretrained`` work on a
@@ -41,9 +41,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaMultiModalProjector
 
-from .kernels import ProjectorMLP
-from .kernels import fused_linear_cross_entropy as _fused_linear_cross_entropy
-from .liger import apply_liger_to_decoder, revert_liger
+from barnfast.kernels import ProjectorMLP
+from barnfast.kernels import fused_linear_cross_entropy as _fused_linear_cross_entropy
+from barnfast.models.liger import apply_liger_to_decoder, revert_liger
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     python -m barnfast.sweep --backbones llama1-tiny,llama2-tiny,llama3-tiny --output-dir out   # CPU, minutes
     torchrun --nproc_per_node 8 -m barnfast.sweep --backbones llama1,llama2,llama3 --output-dir out \\
         --model-path llama1=/ckpt/llama1,llama2=/ckpt/llama2,llama3=/ckpt/llama3
-    python -m barnfast.analyze out
+    python -m barnfast.evaluation.analyze out
 
 For each backbone, stage 1, stage 2 (``barnfast.train``) and evaluation, with everything else the
 same: seed (``--seed``), recipe (``--recipe``, ``--set``), data and its order (one shared data set
@@ -13,9 +13,9 @@ features. ``DIR/sweep.json`` records that configuration; starting the sweep agai
 one stops with the differences (start a new ``--output-dir`` instead).
 
 Layout: ``DIR/<backbone>/`` is the run folder of ``barnfast.train`` (``run.json``, ``metrics.jsonl``,
-checkpoints, ``export/``); ``DIR/<backbone>/eval/{open,mc,yesno}.jsonl`` are its evaluation records
-(see ``barnfast.eval``), ``eval/stability.json`` the CKA of its hidden states under small image
-perturbations, ``eval/summary.json`` the summaries.
+checkpoints, ``export/``); ``DIR/<backbone>/eval/eval_{open,mc,yesno}.jsonl`` are its evaluation records
+(see ``barnfast.evaluation.evaluate``), ``eval/stability.json`` the CKA of its hidden states under small image
+perturbations, ``eval/eval_<task>.summary.json`` the summaries (the names ``barnfast eval`` writes).
 
 Restarting: a run whose ``export/barnfast.json`` exists is finished and is not trained again; an
 unfinished one continues from its latest checkpoint with ``barnfast.train --resume`` (from scratch
@@ -121,7 +121,7 @@ def train_supports_resume() -> bool:
 
 def _latest_checkpoint(run_dir: Path):
     try:
-        from barnfast.checkpoint import latest_checkpoint
+        from barnfast.training.checkpoint import latest_checkpoint
     except ImportError:
         return None
     return latest_checkpoint(run_dir / "checkpoints")
@@ -149,21 +149,22 @@ def train_one(cfg: dict, backbone: str, run_dir: Path, rank: int, no_progress: b
 
 def evaluate_one(cfg: dict, backbone: str, run_dir: Path, no_progress: bool) -> dict:
     """Evaluation files and the stability curve of one finished run; existing files are kept."""
-    from barnfast import eval as eval_lib
     from barnfast.evaluation import ExportedVLM, load_items
+    from barnfast.evaluation import evaluate as eval_lib
 
     eval_dir = run_dir / "eval"
     vlm = None
     summaries = {}
     for name in EVAL_FILES:
-        task = name.removeprefix("eval_").removesuffix(".jsonl")
-        out = eval_dir / f"{task}.jsonl"
-        if not out.exists():
+        data = Path(cfg["data_dir"]) / name
+        out = eval_lib.default_output(run_dir / "export", data)  # what `barnfast eval` writes for this file
+        if out.exists() and eval_lib.summary_path(out).exists():
+            summary = json.loads(eval_lib.summary_path(out).read_text())
+        else:
             vlm = vlm or ExportedVLM(run_dir / "export")
-            items = load_items(Path(cfg["data_dir"]) / name, "synthetic", limit=cfg["eval_limit"])
-            eval_lib.write_records(eval_lib.evaluate(vlm, items, cfg["max_new_tokens"], progress=not no_progress), out)
-        records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
-        summaries[task] = eval_lib.summarize(records)
+            items = load_items(data, "synthetic", limit=cfg["eval_limit"])
+            summary = eval_lib.evaluate_to(vlm, items, out, cfg["max_new_tokens"], progress=not no_progress)
+        summaries[data.stem] = summary
     stab = eval_dir / "stability.json"
     if cfg["stability_items"] and not stab.exists():
         vlm = vlm or ExportedVLM(run_dir / "export")
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
         summaries = evaluate_one(cfg, backbone, out / backbone, args.no_progress)
         accs = ", ".join(f"{t} {s['accuracy']:.3f}" for t, s in summaries.items())
         _log(rank, f"{backbone}: evaluated ({accs})")
-    _log(rank, f"done; report: python -m barnfast.analyze {out}")
+    _log(rank, f"done; report: python -m barnfast.evaluation.analyze {out}")
     return 0
 
 

@@ -3,7 +3,7 @@
     python -m bench.bench_merge_visual_text            # CUDA if present, else CPU reference timings
 
 Micro-batch: 16 samples, text lengths lognormal around 140 tokens (as LLaVA-665k, see
-bench/bench_planner.py), one image of 576 visual tokens (CLIP-L/336 from barnfast.vision) on 15 of
+bench/bench_planner.py), one image of 576 visual tokens (CLIP-L/336 from barnfast.models.vision) on 15 of
 them and none on one. Table: llama2's 32000 x 4096 from the backbone registry plus one ``<image>``
 row (id 32000), as the trainer adds it.
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from barnfast.kernels import merge_visual_text, merge_visual_text_ref
 
-from barnfast import backbones, vision
+from barnfast.models import backbones, vision
 from bench.harness import Table, device_name, peak_memory_mb, time_fn, write_results
 
 LLAVA_IMAGE_TOKEN_INDEX = -200  # LLaVA's in-ids placeholder: one per image, replaced by 576 rows

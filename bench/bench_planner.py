@@ -17,8 +17,8 @@ import functools
 
 import numpy as np
 
-from barnfast import packing
-from barnfast.packing import plan_epoch
+from barnfast.data import packing
+from barnfast.data.packing import plan_epoch
 from bench.harness import Table, peak_memory_mb, time_fn, write_results
 
 N_LLAVA_665K = 665_000

@@ -3,7 +3,7 @@
     python -m bench.bench_projector_mlp              # CUDA if present, else CPU reference timings
     python -m bench.bench_projector_mlp --images 1 4 16 --dtype bf16
 
-Shapes: visual tokens per image and width from the vision tower (CLIP-L/336 from barnfast.vision:
+Shapes: visual tokens per image and width from the vision tower (CLIP-L/336 from barnfast.models.vision:
 576 x 1024; SigLIP-so400m/384: 729 x 1152, not in the tower registry yet), times the images of a
 micro-batch; hidden = out = the LLM width from the backbone registry (llama2: 4096).
 
@@ -22,7 +22,7 @@ import argparse
 import torch
 from barnfast.kernels import projector_mlp, projector_mlp_ref
 
-from barnfast import backbones, vision
+from barnfast.models import backbones, vision
 from bench.harness import Table, device_name, peak_memory_mb, time_fn, write_results
 
 # (tower, visual tokens per image, tower width)

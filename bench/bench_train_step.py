@@ -5,7 +5,7 @@
 
 Every provider trains the same model (same weights, built once from one seed), on the same samples in
 the same steps (one global batch of ``--global-batch`` samples per step, planned by
-``barnfast.packing.plan_epoch``), with the same AdamW, for ``--steps`` timed steps after one warm-up
+``barnfast.data.packing.plan_epoch``), with the same AdamW, for ``--steps`` timed steps after one warm-up
 step (which also allocates the optimizer state). Stage 2: projector and LLM train, the vision tower
 is frozen. All three normalise by the step's target-token count, so their step-0 losses are equal
 (checked: the "step-0 loss" column).
@@ -18,7 +18,7 @@ Providers:
     (full (B, S, V) logits, upcast to fp32), ``num_items_in_batch`` = the step's target count;
     micro-batches of ``--micro-batch`` samples, right-padded, in data order (HF's default sampler,
     no length grouping).
-(c) llava recipe: :meth:`barnfast.model.LlavaVLM.forward_padded` on the same padded micro-batches
+(c) llava recipe: :meth:`barnfast.models.vlm.LlavaVLM.forward_padded` on the same padded micro-batches
     (per-sample merge loop, padded batch, full logits, ``F.cross_entropy``), Liger reverted on CUDA.
 Each provider runs in its own process, so the CPU peak-memory numbers (resident set) do not see
 another provider's allocator caches.
@@ -33,7 +33,7 @@ step stays around a second; on GPU the text is unscaled and the image is 576 tok
 32-wide CLIP at 336 px: the vision tower's cost is not what is measured).
 
 Metrics: real tokens/s = non-pad tokens of the timed steps / their wall time; padding efficiency =
-real / computed tokens (``barnfast.packing.padding_efficiency``; 1.0 by construction when packed,
+real / computed tokens (``barnfast.data.packing.padding_efficiency``; 1.0 by construction when packed,
 the column "budget fill" then gives real tokens / (micro-batches x token budget)); peak memory from
 ``bench.harness.peak_memory_mb`` over the timed steps (CPU: resident set above the post-warm-up
 level; CUDA: max allocated above the level before). MFU (CUDA only) = model FLOPs of the real tokens
@@ -61,11 +61,11 @@ import time
 import numpy as np
 import torch
 
-from barnfast import backbones, vision
-from barnfast.batch import IGNORE_INDEX, collate_packed, collate_padded
-from barnfast.liger import revert_liger
-from barnfast.model import build_model
-from barnfast.packing import padding_efficiency, plan_epoch
+from barnfast.data.batch import IGNORE_INDEX, collate_packed, collate_padded
+from barnfast.data.packing import padding_efficiency, plan_epoch
+from barnfast.models import backbones, vision
+from barnfast.models.liger import revert_liger
+from barnfast.models.vlm import build_model
 from bench.harness import Table, device_name, peak_memory_mb, time_fn, write_results
 
 PROVIDERS = {"a": "(a) barnfast packed", "b": "(b) hf padded", "c": "(c) llava recipe"}

@@ -1,4 +1,4 @@
-// barnfast._native: the packing half of the micro-batch planner (barnfast/packing.py), in C++.
+// barnfast.data._native: the packing half of the micro-batch planner (barnfast/data/packing.py), in C++.
 //
 // pack_steps(order, lengths, global_batch, world_size, token_budget,
 //            micro_samples_out, micro_offsets_out, bins_per_rank_out) -> num_micro_batches

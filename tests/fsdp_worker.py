@@ -33,8 +33,8 @@ def _step(module, batches, normaliser, sync):
     """
     from torch.distributed.tensor import DTensor
 
-    from barnfast.optim import build_optimizer
-    from barnfast.parallel import gradient_sync
+    from barnfast.training.optim import build_optimizer
+    from barnfast.training.parallel import gradient_sync
 
     params = [p for p in module.parameters() if p.requires_grad]
     opt = build_optimizer(params, kind="adamw", lr=LR, weight_decay=0.1)
@@ -73,8 +73,8 @@ def main(out: str) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from barnfast.lora import LoraConfig, apply_lora
-    from barnfast.parallel import apply_activation_checkpointing, apply_fsdp, fsdp_plan, full_state_dict
+    from barnfast.training.lora import LoraConfig, apply_lora
+    from barnfast.training.parallel import apply_activation_checkpointing, apply_fsdp, fsdp_plan, full_state_dict
     from tests.model_utils import make_samples, packed, tiny_model
 
     rank, world = dist.get_rank(), dist.get_world_size()

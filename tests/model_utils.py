@@ -7,9 +7,9 @@ import functools
 import numpy as np
 import torch
 
-from barnfast import backbones, vision
-from barnfast.batch import collate_packed, collate_padded
-from barnfast.model import build_model
+from barnfast.data.batch import collate_packed, collate_padded
+from barnfast.models import backbones, vision
+from barnfast.models.vlm import build_model
 
 
 @functools.cache

@@ -1,17 +1,17 @@
-"""barnfast.analyze on a finished -tiny sweep: every section with real numbers, figures, analysis.json."""
+"""barnfast.evaluation.analyze on a finished -tiny sweep: every section with real numbers, figures, analysis.json."""
 
 import json
 
 import numpy as np
 import pytest
 
-from barnfast import analyze, metrics
+from barnfast.evaluation import analyze, scores
 from tests.test_sweep import BACKBONES, finished_sweep
 
 
 def _records(out, b):
     return [json.loads(x) for t in ("open", "mc", "yesno")
-            for x in (out / b / "eval" / f"{t}.jsonl").read_text().splitlines()]
+            for x in (out / b / "eval" / f"eval_{t}.jsonl").read_text().splitlines()]
 
 
 def test_report_has_every_section_numbers_and_figures():
@@ -33,7 +33,7 @@ def test_report_has_every_section_numbers_and_figures():
         assert acc["overall"] == pytest.approx(np.mean([r["correct"] for r in recs]))
         assert f"| {b} | {acc['overall']:.3f} |" in report
         closed = [r for r in recs if r["task"] != "open"]
-        cal = metrics.calibration([r["confidence"] for r in closed], [r["correct"] for r in closed])
+        cal = scores.calibration([r["confidence"] for r in closed], [r["correct"] for r in closed])
         assert result["calibration"][b]["closed"]["ece"] == pytest.approx(cal["ece"])
         assert len(result["stability"][b]["cka"]["noise"]) >= 2
     (pair,) = result["overlap"]
@@ -43,6 +43,6 @@ def test_report_has_every_section_numbers_and_figures():
     a = {(r["task"], r["id"]): r["correct"] for r in _records(out, BACKBONES[0])}
     b = {(r["task"], r["id"]): r["correct"] for r in _records(out, BACKBONES[1])}
     assert t["n01"] == sum(b[k] and not a[k] for k in a) and t["n10"] == sum(a[k] and not b[k] for k in a)
-    assert pair["mcnemar_p"] == pytest.approx(metrics.mcnemar_exact(t["n10"], t["n01"]))
+    assert pair["mcnemar_p"] == pytest.approx(scores.mcnemar_exact(t["n10"], t["n01"]))
     assert pair["gain"]["net"] == t["n01"] - t["n10"]
     assert sum(u["count"] for u in result["upset"]) == 24

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from barnfast.attention import block_causal_mask, packed_attention_forward
+from barnfast.models.attention import block_causal_mask, packed_attention_forward
 
 
 def test_block_causal_mask_isolates_samples():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from barnfast.backbones import BACKBONES, BackboneUnavailableError, from_name
+from barnfast.models.backbones import BACKBONES, BackboneUnavailableError, from_name
 
 REAL = [n for n, b in BACKBONES.items() if not b.tiny]
 TINY = [n for n, b in BACKBONES.items() if b.tiny]

@@ -6,8 +6,7 @@ import functools
 
 import pytest
 
-from barnfast.backbones import from_name
-from barnfast.chat import (
+from barnfast.data.chat import (
     IMAGE_PLACEHOLDER,
     TEMPLATES,
     count_image_placeholders,
@@ -15,6 +14,7 @@ from barnfast.chat import (
     encode_prompt,
 )
 from barnfast.errors import SampleError
+from barnfast.models.backbones import from_name
 
 CONV = [
     {"from": "human", "value": "<image>\nWhat colour is the shape?"},
@@ -101,7 +101,7 @@ def _runs(ids, labels):
 
 
 def test_registry_templates_exist():
-    from barnfast.backbones import BACKBONES
+    from barnfast.models.backbones import BACKBONES
 
     assert {b.chat_template for b in BACKBONES.values()} <= set(TEMPLATES)
     assert {"plain", "vicuna_v1", "llama_2", "llama_3"} <= set(TEMPLATES)

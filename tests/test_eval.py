@@ -1,4 +1,4 @@
-"""barnfast.eval, barnfast.generate and the lmms-eval adapter on a tiny trained export; file formats."""
+"""barnfast.evaluation (evaluate, generate) and the lmms-eval adapter on a tiny trained export; file formats."""
 
 import functools
 import json
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from barnfast import eval as eval_lib
-from barnfast import generate as generate_lib
 from barnfast.evaluation import EvalItem, ExportedVLM, load_items
-from barnfast.lmms_eval_adapter import BarnfastLMM
+from barnfast.evaluation import evaluate as eval_lib
+from barnfast.evaluation import generate as generate_lib
+from barnfast.evaluation.lmms_eval_adapter import BarnfastLMM
 from tests.test_sweep import BACKBONES, finished_sweep
 
 
@@ -185,7 +185,7 @@ def test_lmms_eval_registration_with_real_lmms_eval():
     from lmms_eval.api.model import lmms
     from lmms_eval.api.registry import get_model
 
-    from barnfast import lmms_eval_adapter
+    from barnfast.evaluation import lmms_eval_adapter
 
     assert lmms_eval_adapter.HAS_LMMS_EVAL and issubclass(BarnfastLMM, lmms)
     assert get_model("barnfast") is BarnfastLMM

@@ -9,7 +9,7 @@ import torch
 
 from barnfast.data.images import background_colour, expand_to_square, load_image, preprocess_image
 from barnfast.errors import SampleError
-from barnfast.vision import CLIP_MEAN, CLIP_STD
+from barnfast.models.vision import CLIP_MEAN, CLIP_STD
 
 
 def _random_image(height: int, width: int, seed: int = 0) -> PIL.Image.Image:

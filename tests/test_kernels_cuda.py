@@ -84,7 +84,7 @@ def test_merge_visual_text_cuda(dtype):
 
 def test_packed_attention_flash_varlen_matches_block_mask():
     from barnfast import optional
-    from barnfast.attention import block_causal_mask, packed_attention_forward
+    from barnfast.models.attention import block_causal_mask, packed_attention_forward
 
     if not optional.HAS_FLASH_ATTN:
         pytest.skip(f"flash-attn not installed: {optional.WHY_NOT.get('flash_attn')}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from barnfast import optional
-from barnfast.liger import DecoderKernels, apply_liger_to_decoder, revert_liger
+from barnfast.models.liger import DecoderKernels, apply_liger_to_decoder, revert_liger
 from tests.model_utils import grads, make_samples, packed, padded, tiny_model
 from tests.utils import requires_cuda
 

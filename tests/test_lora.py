@@ -5,8 +5,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from barnfast.errors import ConfigError
-from barnfast.export import export_hf
-from barnfast.lora import LoraConfig, apply_lora, lora_state_dict, merge_lora
+from barnfast.models.export import export_hf
+from barnfast.training.lora import LoraConfig, apply_lora, lora_state_dict, merge_lora
 from tests.model_utils import make_samples, packed, tiny_model
 
 N_IMAGES = [1, 0, 2]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from barnfast.export import export_hf
+from barnfast.models.export import export_hf
 from tests.model_utils import grads, make_samples, packed, padded, tiny_model
 
 N_IMAGES = [1, 0, 3, 1, 2]  # text-only sample, several images in a row

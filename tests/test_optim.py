@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from barnfast.errors import ConfigError
-from barnfast.lora import LoraConfig, apply_lora
-from barnfast.optim import apply_float8, build_optimizer, float8_supported
+from barnfast.training.lora import LoraConfig, apply_lora
+from barnfast.training.optim import apply_float8, build_optimizer, float8_supported
 from tests.model_utils import grads, make_samples, packed, tiny_model
 from tests.utils import requires_cuda
 

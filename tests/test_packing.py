@@ -1,4 +1,4 @@
-"""Micro-batch planner (barnfast/packing.py, csrc/planner.cpp).
+"""Micro-batch planner (barnfast/data/packing.py, csrc/planner.cpp).
 
 Checks the plan's invariants (coverage, budget, rank balance, length-independent step membership,
 determinism), the numpy backend against a plain-loop reference of the algorithm, and the native
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from barnfast import packing
-from barnfast.packing import padded_tokens, padding_efficiency, plan_epoch
+from barnfast.data import packing
+from barnfast.data.packing import padded_tokens, padding_efficiency, plan_epoch
 from bench.bench_planner import llava665k_like_lengths  # the benchmark's LLaVA-665k length model, one copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,19 +206,19 @@ def test_padding_efficiency():
 
 @pytest.fixture(scope="module")
 def native_module(tmp_path_factory):
-    """barnfast._native compiled from csrc/ into a temporary folder (independent of the install)."""
+    """barnfast.data._native compiled from csrc/ into a temporary folder (independent of the install)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         if packing.HAS_NATIVE:
             return packing._native
-        pytest.skip("no C++ compiler to build csrc/planner.cpp, and barnfast._native is not installed")
+        pytest.skip("no C++ compiler to build csrc/planner.cpp, and barnfast.data._native is not installed")
     out = tmp_path_factory.mktemp("native") / ("_native" + sysconfig.get_config_var("EXT_SUFFIX"))
     cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
            *map(str, sorted((ROOT / "csrc").glob("*.cpp"))), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"building the native planner failed:\n{' '.join(cmd)}\n{res.stderr}"
-    loader = importlib.machinery.ExtensionFileLoader("barnfast._native", str(out))
-    spec = importlib.util.spec_from_file_location("barnfast._native", str(out), loader=loader)
+    loader = importlib.machinery.ExtensionFileLoader("barnfast.data._native", str(out))
+    spec = importlib.util.spec_from_file_location("barnfast.data._native", str(out), loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from barnfast.parallel import (
+from barnfast.training.parallel import (
     apply_activation_checkpointing,
     apply_fsdp,
     fsdp_plan,

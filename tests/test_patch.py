@@ -16,7 +16,8 @@ import torch
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from barnfast import backbones, optional, patch, vision
+from barnfast import optional, patch
+from barnfast.models import backbones, vision
 
 VOCAB = 32064  # llama1-tiny's 32000 + <image>, padded to 64 as llava-hf checkpoints are
 IMAGE_TOKEN = 32000
@@ -255,8 +256,8 @@ def test_liger_applied_and_reverted_on_cuda(llava):
 
 
 def _synthetic_dataset(tmp_path, tokenizer, n: int):
-    from barnfast.chat import encode_conversation
     from barnfast.data import synthetic
+    from barnfast.data.chat import encode_conversation
 
     root = tmp_path / "data"
     synthetic.generate(

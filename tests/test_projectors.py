@@ -10,10 +10,10 @@ import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from barnfast import backbones, vision
-from barnfast.export import export_hf, load_barnfast, read_meta
-from barnfast.model import build_model
-from barnfast.projectors import LinearProjector, PerceiverResampler, build_projector
+from barnfast.models import backbones, vision
+from barnfast.models.export import export_hf, load_barnfast, read_meta
+from barnfast.models.projectors import LinearProjector, PerceiverResampler, build_projector
+from barnfast.models.vlm import build_model
 from tests.model_utils import make_samples, packed
 
 

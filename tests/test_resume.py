@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from barnfast import checkpoint
-from barnfast.model import LlavaVLM
-from barnfast.train import MicroBatchOOMError, NonFiniteError, main
+from barnfast.models.vlm import LlavaVLM
+from barnfast.train import main
+from barnfast.training import checkpoint
+from barnfast.training.trainer import MicroBatchOOMError, NonFiniteError
 
 ARGS = ["--backbone", "llama1-tiny", "--no-progress", "--checkpoint-every", "2",
         "--set", "data.synthetic_stage1=96", "--set", "data.synthetic_stage2=64", "--set", "data.synthetic_eval=4"]
@@ -80,7 +81,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(reference, tmp_path):
     out = tmp_path / "run"
     # Die inside the second save, after its files were written but before they became the checkpoint.
     wrapper = (
-        "import os, sys, barnfast.checkpoint as c\n"
+        "import os, sys, barnfast.training.checkpoint as c\n"
         "real, calls = c._finalize, []\n"
         "def dying(*a):\n"
         "    calls.append(1)\n"

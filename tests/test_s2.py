@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from barnfast import backbones, vision
-from barnfast.model import build_model
-from barnfast.s2 import check_scales, encode_multiscale, input_size
-from barnfast.vision import encode_images
+from barnfast.models import backbones, vision
+from barnfast.models.s2 import check_scales, encode_multiscale, input_size
+from barnfast.models.vision import encode_images
+from barnfast.models.vlm import build_model
 
 
 @pytest.fixture(scope="module", params=["clip-tiny", "siglip2-tiny"])

@@ -66,7 +66,7 @@ def test_sweep_resumes_after_interruption_without_retraining():
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [(r["stage"], r["step"]) for r in rows] == [("stage1", 0), ("stage1", 1), ("stage2", 0), ("stage2", 1)]
         for task in ("open", "mc", "yesno"):
-            recs = [json.loads(x) for x in (run / "eval" / f"{task}.jsonl").read_text().splitlines()]
+            recs = [json.loads(x) for x in (run / "eval" / f"eval_{task}.jsonl").read_text().splitlines()]
             assert len(recs) == 8 and {r["task"] for r in recs} == {task}
             fields = {"id", "category", "prediction", "correct", "confidence", "option_probs"}
             assert all(fields <= set(r) for r in recs)

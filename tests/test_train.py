@@ -14,11 +14,12 @@ from PIL import Image
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from barnfast import backbones, vision
+from barnfast.data.dataset import StageDataset, TooManySkippedError
 from barnfast.data.llava import Sample
-from barnfast.dataset import StageDataset, TooManySkippedError
-from barnfast.model import add_image_token
-from barnfast.train import lr_at, main
+from barnfast.models import backbones, vision
+from barnfast.models.vlm import add_image_token
+from barnfast.train import main
+from barnfast.training.trainer import lr_at
 
 SMALL = ["--set", "data.synthetic_stage1=96", "--set", "data.synthetic_stage2=64", "--set", "data.synthetic_eval=4",
          "--no-progress"]
@@ -92,7 +93,8 @@ def bad_data(tmp_path):
 def _dataset(bad_data, max_skip_fraction):
     samples, tok, image_id, root = bad_data
     return StageDataset(samples, tokenizer=tok, template="vicuna_v1", image_token_id=image_id,
-                        vision=vision.from_name("clip-tiny"), image_root=root, max_length=256,
+                        image_spec=vision.from_name("clip-tiny").image_spec(),
+                        num_image_tokens=vision.from_name("clip-tiny").num_tokens, image_root=root, max_length=256,
                         max_skip_fraction=max_skip_fraction, skipped_path=root / "skipped.jsonl",
                         show_progress=False)
 

@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from barnfast.vision import ALLOW_DOWNLOAD_ENV, VISION_TOWERS, encode_images, from_name
+from barnfast.models.vision import ALLOW_DOWNLOAD_ENV, VISION_TOWERS, encode_images, from_name
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +170,9 @@ def test_prefix_tokens_dropped(name):
 def test_non_clip_tower_exports_to_llava_with_same_logits(name, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from barnfast import backbones
-    from barnfast.export import export_hf
-    from barnfast.model import build_model
+    from barnfast.models import backbones
+    from barnfast.models.export import export_hf
+    from barnfast.models.vlm import build_model
     from tests.model_utils import make_samples, packed
 
     model, tok = build_model(backbones.from_name("llama1-tiny"), from_name(name), kernel_backend="torch")
@@ -215,7 +215,7 @@ def test_tiny_twin_through_the_whole_pipeline(name, tmp_path):
     if name == "dinov2-l-reg-tiny":
         assert meta["format"] == "barnfast" and meta["num_image_tokens"] == 8 and meta["s2_scales"] == [1, 2]
         assert list((tmp_path / "vc").rglob("*.bfv"))
-        from barnfast.export import load_barnfast
+        from barnfast.models.export import load_barnfast
 
         model, _ = load_barnfast(out / "export", kernel_backend="torch")
         assert model.projector.linear_1.in_features == 2 * from_name(name).hidden_size

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from barnfast import sweep, vision
-from barnfast import vision_cache as vc
-from barnfast.vision import encode_images
+from barnfast import sweep
+from barnfast.data import vision_cache as vc
+from barnfast.models import vision
+from barnfast.models.vision import encode_images
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +117,10 @@ def test_refuses_when_the_disk_cannot_hold_it(tmp_path, tower, images, monkeypat
 
 
 def test_dataset_falls_back_to_pixels_when_an_entry_goes_bad(tmp_path, tower, images):
-    from barnfast.backbones import from_name
+    from barnfast.data.dataset import StageDataset
     from barnfast.data.llava import Sample
-    from barnfast.dataset import StageDataset
-    from barnfast.model import add_image_token
+    from barnfast.models.backbones import from_name
+    from barnfast.models.vlm import add_image_token
 
     t, model = tower
     tok = from_name("llama1-tiny").load_tokenizer()
@@ -127,7 +128,8 @@ def test_dataset_falls_back_to_pixels_when_an_entry_goes_bad(tmp_path, tower, im
     samples = [Sample(id=f"s{i}", images=[p.name], conversations=[{"from": "human", "value": "<image>\nWhat?"},
                                                                  {"from": "gpt", "value": "A picture."}])
                for i, p in enumerate(images[:3])]
-    data = StageDataset(samples, tokenizer=tok, template="plain", image_token_id=image_id, vision=t,
+    data = StageDataset(samples, tokenizer=tok, template="plain", image_token_id=image_id,
+                        image_spec=t.image_spec(), num_image_tokens=t.num_tokens,
                         image_root=images[0].parent, max_length=512, show_progress=False)
     cache = _cache(tmp_path, t)
     keys = cache.fill(data.image_paths(), data.load_pixels, Counter(t, model), show_progress=False, log=None)

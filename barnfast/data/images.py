@@ -9,6 +9,7 @@ of the mean colour, as LLaVA-1.5 does (``expand2square``), so no part of the ima
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,27 @@ def preprocess_image(
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((pixels - mean_t) / std_t).contiguous()
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the data pipeline needs to know of a vision tower: how one image becomes its pixels.
+
+    ``size``: side of the ``(3, size, size)`` output (S2: the tower's size times the largest scale);
+    ``mean`` / ``std``: the tower's normalisation; ``mode``: ``"pad"`` or ``"resize"`` (see
+    :func:`preprocess_image`). ``barnfast.models.vision.VisionTower.image_spec`` builds one, so that
+    ``barnfast.data`` never imports the models.
+    """
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    mode: str = "pad"
+
+    def __post_init__(self):
+        if self.mode not in PREPROCESS_MODES:
+            raise ValueError(f"ImageSpec.mode must be one of {PREPROCESS_MODES}, got {self.mode!r}")
+
+    def __call__(self, img: PIL.Image.Image) -> torch.Tensor:
+        """``(3, size, size)`` float32 pixels of one image."""
+        return preprocess_image(img, size=self.size, mean=self.mean, std=self.std, mode=self.mode)

@@ -1,4 +1,4 @@
-"""Report on a backbone sweep: ``python -m barnfast.analyze DIR`` (DIR written by ``barnfast.sweep``).
+"""Report on a backbone sweep: ``python -m barnfast.evaluation.analyze DIR`` (DIR written by ``barnfast.sweep``).
 
 Writes ``DIR/report.md``, ``DIR/analysis.json`` (every number of the report, for other tools) and
 PNG figures under ``DIR/figures/``. The analyses follow "Back to the Barn with LLAMAs" (does a newer
@@ -37,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from barnfast import metrics  # noqa: E402
+from barnfast.evaluation import scores  # noqa: E402
 
 TASKS = ("open", "mc", "yesno")
 PERCEPTION = ("colour", "shape")
@@ -58,7 +58,7 @@ def load_sweep(root: Path) -> tuple[list[str], dict[str, list[dict]]]:
     for b in backbones:
         rows = []
         for task in TASKS:
-            path = root / b / "eval" / f"{task}.jsonl"
+            path = root / b / "eval" / f"eval_{task}.jsonl"  # as `barnfast eval` names it
             if path.exists():
                 rows += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
         if not rows:
@@ -75,8 +75,8 @@ def load_stability(root: Path, backbone: str, n_items: int) -> dict | None:
         return json.loads(path.read_text())
     if not n_items or not (root / backbone / "export" / "barnfast.json").exists():
         return None
-    from barnfast.eval import representation_stability
     from barnfast.evaluation import ExportedVLM, load_items
+    from barnfast.evaluation.evaluate import representation_stability
 
     data_dir = Path(json.loads((root / "sweep.json").read_text())["data_dir"])
     items = load_items(data_dir / "eval_open.jsonl", "synthetic", limit=n_items)
@@ -107,7 +107,7 @@ def accuracy_tables(records: dict[str, list[dict]]) -> dict:
             "n_by_task": {t: sum(r["task"] == t for r in rows) for t in TASKS}, "by_category": by_cat,
             "perception": _mean(r["correct"] for r in rows if r["category"] in PERCEPTION),
             "reasoning": _mean(r["correct"] for r in rows if r["category"] in REASONING),
-            "pope": metrics.pope_metrics([r["prediction"] for r in yn], [r["answer"] for r in yn]) if yn else None,
+            "pope": scores.pope_metrics([r["prediction"] for r in yn], [r["answer"] for r in yn]) if yn else None,
             "open_exact_match": _mean(r["correct"] for r in op), "open_vqa_accuracy": _mean(vqa),
         }
     return out
@@ -124,10 +124,10 @@ def correctness_matrix(backbones: list[str], records: dict[str, list[dict]]) -> 
 def overlap(backbones: list[str], matrix: np.ndarray) -> list[dict]:
     pairs = []
     for i, j in itertools.combinations(range(len(backbones)), 2):
-        table = metrics.contingency(matrix[:, i], matrix[:, j])
+        table = scores.contingency(matrix[:, i], matrix[:, j])
         pairs.append({"old": backbones[i], "new": backbones[j], "table": table,
-                      "mcnemar_p": metrics.mcnemar_exact(table["n10"], table["n01"]),
-                      "phi": metrics.phi_coefficient(table), "gain": metrics.gain_split(table)})
+                      "mcnemar_p": scores.mcnemar_exact(table["n10"], table["n01"]),
+                      "phi": scores.phi_coefficient(table), "gain": scores.gain_split(table)})
     return pairs
 
 
@@ -138,13 +138,13 @@ def calibration_tables(records: dict[str, list[dict]], n_bins: int) -> dict:
         op = [r for r in rows if r["task"] == "open"]
         entry = {}
         if closed:
-            entry["closed"] = metrics.calibration([r["confidence"] for r in closed], [r["correct"] for r in closed],
+            entry["closed"] = scores.calibration([r["confidence"] for r in closed], [r["correct"] for r in closed],
                                                   n_bins)
             probs = [list(r["option_probs"].values()) for r in closed]
             targets = [list(r["option_probs"]).index(r["answer"]) for r in closed]
-            entry["closed"]["multiclass_brier"] = metrics.multiclass_brier(probs, targets)
+            entry["closed"]["multiclass_brier"] = scores.multiclass_brier(probs, targets)
         if op:
-            entry["open"] = metrics.calibration([r["confidence"] for r in op], [r["correct"] for r in op], n_bins)
+            entry["open"] = scores.calibration([r["confidence"] for r in op], [r["correct"] for r in op], n_bins)
         out[b] = entry
     return out
 
@@ -363,7 +363,7 @@ def render(root: Path, backbones: list[str], r: dict, sweep: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m barnfast.analyze", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m barnfast.evaluation.analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir", help="output directory of barnfast.sweep")
     p.add_argument("--bins", type=int, default=15, help="calibration bins (equal width)")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import optional
+from barnfast import optional
 
 logger = logging.getLogger(__name__)
 

@@ -25,14 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from barnfast.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 from barnfast.kernels import fused_linear_cross_entropy, merge_visual_text
-
-from . import attention
-from .batch import IGNORE_INDEX, PackedBatch, PaddedBatch
-from .liger import apply_liger_to_decoder
-from .projectors import build_projector, output_tokens
-from .s2 import check_scales, encode_multiscale
-from .vision import VisionTower
+from barnfast.models import attention
+from barnfast.models.liger import apply_liger_to_decoder
+from barnfast.models.projectors import build_projector, output_tokens
+from barnfast.models.s2 import check_scales, encode_multiscale
+from barnfast.models.vision import VisionTower
 
 IMAGE_TOKEN = "<image>"
 
@@ -198,7 +197,7 @@ def build_model(backbone, vision: VisionTower, *, model_path: str | None = None,
     The tokenizer gets an ``<image>`` token appended (id = its old length); the LLM's embeddings
     and ``lm_head`` grow to cover it, rounded up to ``pad_vocab_to_multiple_of`` as the llava-hf
     checkpoints do (32000 → 32064). The projector (``projector``: ``mlp2x_gelu`` | ``linear`` |
-    ``perceiver``, see :mod:`barnfast.projectors`) maps ``vision.hidden_size * len(s2_scales)``
+    ``perceiver``, see :mod:`barnfast.models.projectors`) maps ``vision.hidden_size * len(s2_scales)``
     channels to the LLM's width and is initialised from ``seed + 1``.
     """
     s2_scales = check_scales(s2_scales)
@@ -213,7 +212,7 @@ def build_model(backbone, vision: VisionTower, *, model_path: str | None = None,
         vision_config=tower.config,
         text_config=lm.config,
         image_token_id=image_token_id,
-        # A linear projector exports as linear_1, identity activation, linear_2 = I (barnfast.projectors).
+        # A linear projector exports as linear_1, identity activation, linear_2 = I (barnfast.models.projectors).
         projector_hidden_act="linear" if projector == "linear" else (
             "gelu" if projector_approximate == "none" else "gelu_pytorch_tanh"),
         vision_feature_layer=vision.feature_layer,

@@ -10,7 +10,7 @@ unchanged, so ``model.hf.model.language_model`` is the same ``LlamaModel`` objec
 ``LlavaVLM.hidden_states`` calls its layers as before. Parameter names gain ``base_layer.`` and
 ``lora_A.default.``/``lora_B.default.``; :func:`merge_lora` folds the adapters into the base
 weights and puts the original linears back, so ``model.hf.state_dict()`` has exactly the Hugging
-Face keys again and :func:`barnfast.export.export_hf` writes a model that transformers loads.
+Face keys again and :func:`barnfast.models.export.export_hf` writes a model that transformers loads.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
-from .model import LlavaVLM
+from barnfast.errors import ConfigError
+from barnfast.models.vlm import LlavaVLM
 
 ADAPTER = "default"
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

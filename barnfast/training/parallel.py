@@ -20,7 +20,7 @@ sharding it would buy 1 - 1/world of its weights (CLIP ViT-L/14-336: 0.6 GB in b
 The model must be on its device (``model.to(device)``) before :func:`apply_fsdp`, since FSDP2 does
 not move ignored parameters. Cast the tower to bf16 yourself if you want it computed in bf16.
 
-Launching (``barnfast.distributed.init_distributed`` reads torchrun's environment; NCCL on GPU)::
+Launching (``barnfast.training.distributed.init_distributed`` reads torchrun's environment; NCCL on GPU)::
 
     # one node, 8 GPUs
     torchrun --standalone --nproc_per_node 8 -m barnfast.train --recipe llava15.toml ...
@@ -63,7 +63,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from .model import LlavaVLM
+from barnfast.models.vlm import LlavaVLM
 
 # -- FSDP2 --------------------------------------------------------------------------------------
 
@@ -98,7 +98,7 @@ def apply_fsdp(model: LlavaVLM, *, param_dtype: torch.dtype | None = torch.bfloa
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("apply_fsdp needs an initialised process group: launch with torchrun, then call "
-                           "barnfast.distributed.init_distributed()")
+                           "barnfast.training.distributed.init_distributed()")
     if mesh is None:
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
     layer_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)

@@ -1,43 +1,43 @@
-"""barnfast.metrics against hand-computed cases."""
+"""barnfast.evaluation.scores against hand-computed cases."""
 
 import math
 
 import numpy as np
 import pytest
 
-from barnfast import metrics
+from barnfast.evaluation import scores
 
 
 def test_normalize_answer_vqa_rules():
-    assert metrics.normalize_answer(" Two  Circles.") == "2 circles"
-    assert metrics.normalize_answer("The centre!") == "centre"
-    assert metrics.normalize_answer("isnt it") == "isn't it"
-    assert metrics.normalize_answer("1,000") == "1000"
-    assert metrics.exact_match("Two", ["2"]) and not metrics.exact_match("three", ["2", "two"])
+    assert scores.normalize_answer(" Two  Circles.") == "2 circles"
+    assert scores.normalize_answer("The centre!") == "centre"
+    assert scores.normalize_answer("isnt it") == "isn't it"
+    assert scores.normalize_answer("1,000") == "1000"
+    assert scores.exact_match("Two", ["2"]) and not scores.exact_match("three", ["2", "two"])
 
 
 def test_vqa_accuracy_hand_cases():
     # 10 annotators, 2 say "red": each annotator's subset of 9 holds 2 "red" (8 of them) or 1 (the 2
     # who said it) → (8 * 2/3 + 2 * 1/3) / 10 = 0.6.
     answers = ["red"] * 2 + ["blue"] * 8
-    assert metrics.vqa_accuracy("Red", answers) == pytest.approx(0.6)
+    assert scores.vqa_accuracy("Red", answers) == pytest.approx(0.6)
     # 3 say it: 7 subsets hold 3 (→1), 3 hold 2 (→2/3): (7 + 2) / 10 = 0.9.
-    assert metrics.vqa_accuracy("red", ["red"] * 3 + ["blue"] * 7) == pytest.approx(0.9)
-    assert metrics.vqa_accuracy("red", ["red"] * 4 + ["blue"] * 6) == 1.0
-    assert metrics.vqa_accuracy("green", answers) == 0.0
-    assert metrics.vqa_accuracy("two", ["2"]) == 1.0
+    assert scores.vqa_accuracy("red", ["red"] * 3 + ["blue"] * 7) == pytest.approx(0.9)
+    assert scores.vqa_accuracy("red", ["red"] * 4 + ["blue"] * 6) == 1.0
+    assert scores.vqa_accuracy("green", answers) == 0.0
+    assert scores.vqa_accuracy("two", ["2"]) == 1.0
 
 
 def test_pope_metrics_hand_case():
     labels = ["yes", "yes", "yes", "no", "no", "no"]
     preds = ["yes", "yes", "no", "yes", "no", "No"]
-    m = metrics.pope_metrics(preds, labels)
+    m = scores.pope_metrics(preds, labels)
     # tp=2 fp=1 fn=1 tn=2 → precision 2/3, recall 2/3, F1 2/3, accuracy 4/6, yes-ratio 3/6
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 1, 2)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(4 / 6)
     assert m["yes_ratio"] == pytest.approx(0.5)
-    m = metrics.pope_metrics(["yes", "yes", "yes", "yes"], ["yes", "no", "no", "no"])
+    m = scores.pope_metrics(["yes", "yes", "yes", "yes"], ["yes", "no", "no", "no"])
     # precision 1/4, recall 1 → F1 = 2 * 0.25 / 1.25 = 0.4
     assert m["f1"] == pytest.approx(0.4) and m["yes_ratio"] == 1.0
 
@@ -45,50 +45,50 @@ def test_pope_metrics_hand_case():
 def test_calibration_ece_mce_brier_hand_case():
     conf = [0.9, 0.9, 0.55, 0.3]
     correct = [1, 0, 1, 0]
-    c = metrics.calibration(conf, correct, n_bins=15)
+    c = scores.calibration(conf, correct, n_bins=15)
     # bins: {0.9, 0.9} acc .5 gap .4 weight 1/2; {0.55} acc 1 gap .45 weight 1/4; {0.3} gap .3 weight 1/4
     assert c["ece"] == pytest.approx(0.5 * 0.4 + 0.25 * 0.45 + 0.25 * 0.3)
     assert c["mce"] == pytest.approx(0.45)
     assert c["brier"] == pytest.approx((0.01 + 0.81 + 0.2025 + 0.09) / 4)
     assert sum(b["count"] for b in c["bins"]) == 4 and len(c["bins"]) == 15
     assert c["bins"][13]["count"] == 2 and c["bins"][13]["accuracy"] == 0.5
-    perfect = metrics.calibration([1.0, 1.0, 0.0], [1, 1, 0])
+    perfect = scores.calibration([1.0, 1.0, 0.0], [1, 1, 0])
     assert perfect["ece"] == pytest.approx(0.0) and perfect["brier"] == 0.0
     with pytest.raises(ValueError):
-        metrics.calibration([1.2], [1])
+        scores.calibration([1.2], [1])
 
 
 def test_multiclass_brier():
-    assert metrics.multiclass_brier([[0.5, 0.5], [1.0, 0.0, 0.0]], [0, 1]) == pytest.approx((0.5 + 2.0) / 2)
+    assert scores.multiclass_brier([[0.5, 0.5], [1.0, 0.0, 0.0]], [0, 1]) == pytest.approx((0.5 + 2.0) / 2)
 
 
 def test_contingency_mcnemar_phi_gain():
     a = [1] * 5 + [1] * 1 + [0] * 9 + [0] * 5  # n11=5, n10=1, n01=9, n00=5
     b = [1] * 5 + [0] * 1 + [1] * 9 + [0] * 5
-    t = metrics.contingency(a, b)
+    t = scores.contingency(a, b)
     assert t == {"n11": 5, "n10": 1, "n01": 9, "n00": 5}
     # exact: 2 * P(X <= 1 | n=10, 1/2) = 2 * 11 / 1024
-    assert metrics.mcnemar_exact(t["n10"], t["n01"]) == pytest.approx(22 / 1024)
-    assert metrics.mcnemar_exact(0, 0) == 1.0 and metrics.mcnemar_exact(3, 3) == 1.0
+    assert scores.mcnemar_exact(t["n10"], t["n01"]) == pytest.approx(22 / 1024)
+    assert scores.mcnemar_exact(0, 0) == 1.0 and scores.mcnemar_exact(3, 3) == 1.0
     # phi = (5*5 - 1*9) / sqrt(6 * 14 * 14 * 6) = 16 / 84
-    assert metrics.phi_coefficient(t) == pytest.approx(16 / 84)
-    assert metrics.phi_coefficient(metrics.contingency([1, 0, 1], [1, 0, 1])) == pytest.approx(1.0)
-    assert math.isnan(metrics.phi_coefficient(metrics.contingency([1, 1], [1, 0])))
-    g = metrics.gain_split(t)
+    assert scores.phi_coefficient(t) == pytest.approx(16 / 84)
+    assert scores.phi_coefficient(scores.contingency([1, 0, 1], [1, 0, 1])) == pytest.approx(1.0)
+    assert math.isnan(scores.phi_coefficient(scores.contingency([1, 1], [1, 0])))
+    g = scores.gain_split(t)
     assert (g["more"], g["different"], g["net"]) == (9, 1, 8) and g["net_share"] == pytest.approx(8 / 20)
 
 
 def test_linear_cka_identical_invariant_and_independent():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 16))
-    assert metrics.linear_cka(x, x) == pytest.approx(1.0)
+    assert scores.linear_cka(x, x) == pytest.approx(1.0)
     q, _ = np.linalg.qr(rng.standard_normal((16, 16)))
-    assert metrics.linear_cka(x, 3.0 * x @ q + 5.0) == pytest.approx(1.0)  # rotation, scale, shift
+    assert scores.linear_cka(x, 3.0 * x @ q + 5.0) == pytest.approx(1.0)  # rotation, scale, shift
     # Independent (n, 5) Gaussians: E[CKA] ~ q / n = 0.0025 for n=2000.
     big = rng.standard_normal((2000, 5))
     other = rng.standard_normal((2000, 5))
-    assert metrics.linear_cka(big, other) < 0.02
+    assert scores.linear_cka(big, other) < 0.02
     # One feature each: linear CKA is the squared Pearson correlation. x=(1,2,3,4), y=(1,3,2,4): r = 0.8.
-    assert metrics.linear_cka(np.array([[1.0], [2], [3], [4]]), np.array([[1.0], [3], [2], [4]])) == \
+    assert scores.linear_cka(np.array([[1.0], [2], [3], [4]]), np.array([[1.0], [3], [2], [4]])) == \
         pytest.approx(0.64)
-    assert math.isnan(metrics.linear_cka(np.ones((4, 2)), x[:4]))
+    assert math.isnan(scores.linear_cka(np.ones((4, 2)), x[:4]))

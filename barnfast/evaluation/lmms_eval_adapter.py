@@ -1,14 +1,14 @@
 """lmms-eval model class for barnfast exports: ``--model barnfast --model_args pretrained=<run>/export``.
 
     pip install lmms-eval
-    python -c "import barnfast.lmms_eval_adapter" && \\
+    python -c "import barnfast.evaluation.lmms_eval_adapter" && \\
     python -m lmms_eval --model barnfast --model_args pretrained=out/llama3/export --tasks pope,scienceqa_img
 
 Importing this module registers :class:`BarnfastLMM` under the name ``barnfast`` with lmms-eval's
 ``register_model`` when lmms-eval is importable (without it the class still works, over any objects
 shaped like lmms-eval's ``Instance``: an ``args`` tuple). For lmms-eval >= 0.6, which finds plugin
 models through the ``lmms_eval.models`` entry-point group, :func:`lmms_eval_manifest` is the entry
-point's target (``barnfast = "barnfast.lmms_eval_adapter:lmms_eval_manifest"`` in the package's
+point's target (``barnfast = "barnfast.evaluation.lmms_eval_adapter:lmms_eval_manifest"`` in the package's
 ``[project.entry-points."lmms_eval.models"]``).
 
 The requests, as lmms-eval's "simple" models receive them:
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from barnfast.evaluation.model import ExportedVLM
+from barnfast.evaluation.exported import ExportedVLM
 
 try:  # lmms-eval is optional; see the module docstring
     from lmms_eval.api.model import lmms as _LMMSBase
@@ -119,4 +119,4 @@ def lmms_eval_manifest():
     """The ``lmms_eval.models`` entry point's payload (lmms-eval >= 0.6)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="barnfast", simple_class_path="barnfast.lmms_eval_adapter.BarnfastLMM")
+    return ModelManifest(model_id="barnfast", simple_class_path="barnfast.evaluation.lmms_eval_adapter.BarnfastLMM")

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from . import distributed
+from barnfast.training import distributed
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"

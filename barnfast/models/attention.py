@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import optional
+from barnfast import optional
 
 ATTN_IMPLEMENTATION = "barnfast_packed"
 

@@ -35,7 +35,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from barnfast.data.images import preprocess_image
+from barnfast.data.images import ImageSpec, preprocess_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -190,6 +190,10 @@ class VisionTower:
         """``(3, size, size)`` float32 pixels for this tower (see ``preprocess_image``); ``size``
         defaults to ``image_size`` (S2 asks for ``image_size * max(scales)``)."""
         return preprocess_image(img, size=size or self.image_size, mean=self.mean, std=self.std, mode=mode)
+
+    def image_spec(self, mode: str = "pad", size: int | None = None) -> ImageSpec:
+        """The preprocessing of this tower as data for :class:`barnfast.data.dataset.StageDataset`."""
+        return ImageSpec(size=size or self.image_size, mean=tuple(self.mean), std=tuple(self.std), mode=mode)
 
     def image_processor(self) -> Any:
         """A transformers ``CLIPImageProcessor`` equal to ``preprocess(mode="resize")``, to save

@@ -47,14 +47,14 @@ from dataclasses import dataclass
 import numpy as np
 
 try:
-    from barnfast import _native
+    from barnfast.data import _native
 
     HAS_NATIVE: bool = True
     NATIVE_ERROR: str | None = None
 except ImportError as exc:  # built only with BARNFAST_BUILD_NATIVE=1 (see setup.py)
     _native = None
     HAS_NATIVE = False
-    NATIVE_ERROR = f"barnfast._native not importable ({exc}); build with BARNFAST_BUILD_NATIVE=1"
+    NATIVE_ERROR = f"barnfast.data._native not importable ({exc}); build with BARNFAST_BUILD_NATIVE=1"
 
 # Mixes the epoch into the seed: seeds 0..EPOCH_PRIME-1 never collide with another (seed, epoch).
 EPOCH_PRIME = 1_000_003

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, optional
+from barnfast import __version__, optional
 
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "liger_kernel", "flash_attn", "peft", "numpy")
 

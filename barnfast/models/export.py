@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .model import IMAGE_TOKEN, LlavaVLM
-from .projectors import LinearProjector, projector_kind
+from barnfast.models.projectors import LinearProjector, projector_kind
+from barnfast.models.vlm import IMAGE_TOKEN, LlavaVLM
 
 BARNFAST_META = "barnfast.json"
 
@@ -50,7 +50,7 @@ def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype |
     dest.mkdir(parents=True, exist_ok=True)
     why = llava_incompatibility(model)
     if why is not None:
-        warnings.warn(f"exporting in barnfast's format (load with barnfast.export.load_barnfast), not as "
+        warnings.warn(f"exporting in barnfast's format (load with barnfast.models.export.load_barnfast), not as "
                       f"LlavaForConditionalGeneration: {why}", stacklevel=2)
         return export_barnfast(model, tokenizer, dest, dtype=dtype, meta={**(meta or {}), "why_not_llava": why})
     hf = model.hf
@@ -147,8 +147,8 @@ def load_barnfast(folder: str | Path, *, dtype: torch.dtype = torch.float32, ker
     """(LlavaVLM, tokenizer) of a folder in barnfast's format (:func:`export_barnfast`)."""
     from safetensors.torch import load_file
 
-    from . import vision as vision_registry
-    from .model import build_model
+    from barnfast.models import vision as vision_registry
+    from barnfast.models.vlm import build_model
 
     folder = Path(folder)
     meta = read_meta(folder)

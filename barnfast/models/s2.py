@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import vision as vision_lib
-from .vision import VisionTower
+from barnfast.models import vision as vision_lib
+from barnfast.models.vision import VisionTower
 
 MAX_SCALE = 4  # 1 + 4 + 9 + 16 = 30 encoder passes per image; beyond that nobody trains
 
@@ -60,7 +60,7 @@ def encode_multiscale(tower: VisionTower, model, pixel_values: torch.Tensor, sca
                       ) -> torch.Tensor:
     """``(I, 3, s_max·S, s_max·S)`` pixels → ``(I, num_tokens, hidden_size · len(scales))`` features.
 
-    One call of :func:`barnfast.vision.encode_images` over every tile of every scale; in the
+    One call of :func:`barnfast.models.vision.encode_images` over every tile of every scale; in the
     encoder's dtype, without autograd.
     """
     scales = check_scales(scales)

@@ -17,10 +17,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from barnfast import vision as vision_registry
-from barnfast.chat import IMAGE_PLACEHOLDER, encode_conversation, encode_prompt
+from barnfast.data.chat import IMAGE_PLACEHOLDER, encode_conversation, encode_prompt
 from barnfast.data.images import load_image
-from barnfast.export import read_meta
+from barnfast.models import vision as vision_registry
+from barnfast.models.export import read_meta
 
 
 class ExportedVLM:

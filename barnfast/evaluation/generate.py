@@ -1,12 +1,12 @@
-"""Quick look at an exported model: ``python -m barnfast.generate --model DIR --image PATH --prompt "..."``.
+"""Quick look at an exported model: ``python -m barnfast.evaluation.generate --model DIR --image PATH --prompt "..."``.
 
-    python -m barnfast.generate --model out/llama3-tiny/export --image out/data/images/eval_open_00000.png \\
+    python -m barnfast.evaluation.generate --model out/llama3-tiny/export --image out/data/images/eval_open_00000.png \\
         --prompt "What colour are the shapes?"
 
 Greedy decoding with the backbone's chat template and stop tokens (from ``barnfast.json``), the image
 preprocessed as in training; ``--image`` may be left out for a text-only prompt. Prints the answer;
 ``--show-logprobs`` adds each chosen token's log-probability and the answer's confidence (geometric
-mean of the token probabilities, as ``barnfast.eval`` reports it for open answers).
+mean of the token probabilities, as ``barnfast.evaluation.evaluate`` reports it for open answers).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from barnfast.evaluation.model import ExportedVLM
+from barnfast.evaluation.exported import ExportedVLM
 
 
 def generate(vlm: ExportedVLM, prompt: str, image=None, max_new_tokens: int = 64) -> dict:
@@ -26,7 +26,7 @@ def generate(vlm: ExportedVLM, prompt: str, image=None, max_new_tokens: int = 64
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m barnfast.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m barnfast.evaluation.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported model folder (<run>/export)")
     p.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")

@@ -21,12 +21,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .batch import PackedBatch, PaddedBatch, collate_packed, collate_padded
-from .chat import encode_conversation
-from .data.images import load_image
-from .data.llava import Sample, validate_sample
-from .errors import SampleError
-from .vision import VisionTower
+from barnfast.data.batch import PackedBatch, PaddedBatch, collate_packed, collate_padded
+from barnfast.data.chat import encode_conversation
+from barnfast.data.images import ImageSpec, load_image
+from barnfast.data.llava import Sample, validate_sample
+from barnfast.errors import SampleError
 
 
 class TooManySkippedError(RuntimeError):
@@ -56,13 +55,11 @@ class StageDataset:
     """Encoded samples of one stage, with their token lengths for the planner."""
 
     def __init__(self, samples: list[Sample], *, tokenizer, template: str, image_token_id: int,
-                 vision: VisionTower, image_root: str | Path, max_length: int, image_aspect: str = "pad",
+                 image_spec: ImageSpec, num_image_tokens: int, image_root: str | Path, max_length: int,
                  max_skip_fraction: float = 0.01, skipped_path: str | Path | None = None, show_progress: bool = True,
-                 pad_id: int = 0, num_image_tokens: int | None = None, image_size: int | None = None):
-        self.vision = vision
-        self.image_aspect = image_aspect
-        self.num_image_tokens = vision.num_tokens if num_image_tokens is None else int(num_image_tokens)
-        self.image_size = image_size or vision.image_size  # S2: image_size * max(scales)
+                 pad_id: int = 0):
+        self.image_spec = image_spec  # the tower's preprocessing (size, mean/std, pad or resize)
+        self.num_image_tokens = int(num_image_tokens)  # <image> expands to the projector's output count
         self.cache = None  # a VisionFeatureCache once use_vision_cache() is called
         self.image_keys: dict[Path, str] = {}
         self.pad_id = pad_id
@@ -111,8 +108,8 @@ class StageDataset:
         return list(dict.fromkeys(p for e in self.items for p in e.images))
 
     def load_pixels(self, path: Path) -> torch.Tensor:
-        """``(3, image_size, image_size)`` pixels of one image, preprocessed for the tower."""
-        return self.vision.preprocess(load_image(path), mode=self.image_aspect, size=self.image_size)
+        """``(3, S, S)`` pixels of one image, preprocessed for the tower (``image_spec``)."""
+        return self.image_spec(load_image(path))
 
     def pixels(self, i: int) -> torch.Tensor | None:
         paths = self.items[i].images

@@ -15,7 +15,7 @@ Pad-token policy (the real tokenizers ship without a pad token, except Qwen2's):
 - qwen2: ``<|endoftext|>`` (id 151643), the real tokenizer's pad token.
 
 A ``-tiny`` twin keeps the vocabulary size, the GQA ratio, the RoPE base and scaling, the context,
-the weight tying and the special tokens (at their real ids: see :mod:`barnfast.tokenizers_tiny`);
+the weight tying and the special tokens (at their real ids: see :mod:`barnfast.models.tokenizers_tiny`);
 it has width 64 (112 for Qwen2, whose ratio is 7), 2 layers, head_dim 16 and random weights.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
-from barnfast.tokenizers_tiny import build_tiny_tokenizer
+from barnfast.models.tokenizers_tiny import build_tiny_tokenizer
 
 ALLOW_DOWNLOAD_ENV = "BARNFAST_ALLOW_DOWNLOAD"
 
@@ -78,7 +78,7 @@ class Backbone:
     rms_norm_eps: float
     tie_word_embeddings: bool
     chat_template: str
-    """Stage-2 template, a key of ``barnfast.chat.TEMPLATES`` (stage 1 uses ``plain``)."""
+    """Stage-2 template, a key of ``barnfast.data.chat.TEMPLATES`` (stage 1 uses ``plain``)."""
     bos_token: str | None
     eos_token: str
     pad_token: str
@@ -89,7 +89,7 @@ class Backbone:
     tiny_twin: str
     """Name of the ``-tiny`` twin; a tiny entry names itself."""
     tokenizer_kind: str = "sentencepiece"
-    """Layout of the locally built tokenizer (``barnfast.tokenizers_tiny.KINDS``) for tiny twins."""
+    """Layout of the locally built tokenizer (``barnfast.models.tokenizers_tiny.KINDS``) for tiny twins."""
 
     @property
     def gqa_ratio(self) -> int:

@@ -1,9 +1,10 @@
-"""Evaluate an exported barnfast model: ``python -m barnfast.eval --model DIR --data FILE``.
+"""Evaluate an exported barnfast model: ``python -m barnfast.evaluation.evaluate --model DIR --data FILE``.
 
-    python -m barnfast.eval --model out/llama1-tiny/export --data out/data/eval_mc.jsonl
-    python -m barnfast.eval --model out/llama3/export --data pope/coco_pope_adversarial.json \\
+    python -m barnfast.evaluation.evaluate --model out/llama1-tiny/export --data out/data/eval_mc.jsonl
+    python -m barnfast.evaluation.evaluate --model out/llama3/export --data pope/coco_pope_adversarial.json \\
         --image-root coco/val2014 --output out/llama3/eval/pope_adversarial.jsonl
-    python -m barnfast.eval --model out/llama3/export --data scienceqa/problems.json --format scienceqa \\
+    python -m barnfast.evaluation.evaluate --model out/llama3/export --data scienceqa/problems.json \\
+        --format scienceqa
         --image-root scienceqa/images
 
 Writes one JSON line per item to ``--output`` (default ``<run>/eval/<data stem>.jsonl`` beside the
@@ -25,7 +26,7 @@ How each task is scored (``score_item``):
   mean of the chosen tokens' probabilities, the stop token included (``exp(mean log p)``).
 
 Calibration in the summary (ECE/MCE over 15 equal-width bins, top-label Brier) is over the items of
-the file. :func:`representation_stability` (used by the sweep and ``barnfast.analyze``) compares the
+the file. :func:`representation_stability` (used by the sweep and ``barnfast.evaluation.analyze``) compares the
 decoder's hidden states of clean and slightly perturbed images with linear CKA, layer by layer.
 """
 
@@ -41,9 +42,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from barnfast import metrics
+from barnfast.evaluation import scores
+from barnfast.evaluation.exported import ExportedVLM
 from barnfast.evaluation.formats import FORMATS, EvalItem, load_items
-from barnfast.evaluation.model import ExportedVLM
 
 YES_NO_SPELLINGS = {"yes": ("yes", "Yes"), "no": ("no", "No")}
 
@@ -88,9 +89,9 @@ def score_item(vlm: ExportedVLM, item: EvalItem, max_new_tokens: int = 16) -> di
         ids, logps, stopped = vlm.greedy(prompt, pv, max_new_tokens=max_new_tokens)
         pred = vlm.decode(ids)
         refs = item.answers or [item.answer]
-        rec.update(prediction=pred, correct=metrics.exact_match(pred, [item.answer, *refs]),
+        rec.update(prediction=pred, correct=scores.exact_match(pred, [item.answer, *refs]),
                    confidence=float(math.exp(np.mean(logps))), option_probs=None, answer_logprobs=logps,
-                   stopped=stopped, vqa_accuracy=metrics.vqa_accuracy(pred, refs) if len(refs) > 1 else None)
+                   stopped=stopped, vqa_accuracy=scores.vqa_accuracy(pred, refs) if len(refs) > 1 else None)
     return rec
 
 
@@ -112,13 +113,13 @@ def summarize(records: list[dict], n_bins: int = 15) -> dict:
         out[f"n_by_{key}"] = {k: len(v) for k, v in sorted(groups.items())}
     yn = [r for r in records if r["task"] == "yesno"]
     if yn:
-        out["pope"] = metrics.pope_metrics([r["prediction"] for r in yn], [r["answer"] for r in yn])
+        out["pope"] = scores.pope_metrics([r["prediction"] for r in yn], [r["answer"] for r in yn])
     op = [r for r in records if r["task"] == "open"]
     if op:
         out["open_exact_match"] = float(np.mean([r["correct"] for r in op]))
         vqa = [r["vqa_accuracy"] for r in op if r.get("vqa_accuracy") is not None]
         out["open_vqa_accuracy"] = float(np.mean(vqa)) if vqa else None
-    cal = metrics.calibration([r["confidence"] for r in records], [r["correct"] for r in records], n_bins)
+    cal = scores.calibration([r["confidence"] for r in records], [r["correct"] for r in records], n_bins)
     out["calibration"] = {k: cal[k] for k in ("ece", "mce", "brier", "n", "n_bins")}
     return out
 
@@ -163,7 +164,7 @@ def representation_stability(vlm: ExportedVLM, items: list[EvalItem], kinds=("no
                      "states, clean vs perturbed image, per layer (0 = embeddings)", "cka": {}}
     for k in kinds:
         y = np.stack(perturbed[k])
-        out["cka"][k] = [metrics.linear_cka(x[:, layer], y[:, layer]) for layer in range(x.shape[1])]
+        out["cka"][k] = [scores.linear_cka(x[:, layer], y[:, layer]) for layer in range(x.shape[1])]
     return out
 
 
@@ -182,8 +183,23 @@ def write_records(records: list[dict], path: Path) -> None:
     tmp.replace(path)  # a complete file or none: the sweep treats an existing file as done
 
 
+def summary_path(records_path: Path) -> Path:
+    """``eval/eval_mc.jsonl`` -> ``eval/eval_mc.summary.json`` (the sweep and the CLI write the same names)."""
+    return records_path.with_name(records_path.stem + ".summary.json")
+
+
+def evaluate_to(vlm: ExportedVLM, items: list[EvalItem], out: Path, max_new_tokens: int = 16,
+                progress: bool = True) -> dict:
+    """Evaluate ``items``, write the records to ``out`` and the summary beside it; return the summary."""
+    records = evaluate(vlm, items, max_new_tokens, progress=progress)
+    summary = summarize(records)
+    write_records(records, out)
+    summary_path(out).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m barnfast.eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m barnfast.evaluation.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported model folder (<run>/export)")
     p.add_argument("--data", required=True, help="evaluation file")
@@ -202,11 +218,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     items = load_items(args.data, args.format, args.image_root, args.split, args.limit)
     vlm = ExportedVLM(args.model, device=args.device)
-    records = evaluate(vlm, items, args.max_new_tokens, progress=not args.no_progress)
     out = Path(args.output) if args.output else default_output(Path(args.model), Path(args.data))
-    summary = summarize(records)
-    write_records(records, out)
-    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2))
+    summary = evaluate_to(vlm, items, out, args.max_new_tokens, progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("n", "accuracy", "accuracy_by_task", "calibration")}, indent=2))
     print(f"records: {out}")
     return 0

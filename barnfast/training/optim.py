@@ -22,8 +22,8 @@ import importlib
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
-from .model import LlavaVLM
+from barnfast.errors import ConfigError
+from barnfast.models.vlm import LlavaVLM
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 FLOAT8_MIN_CAPABILITY = (8, 9)
@@ -82,7 +82,7 @@ def apply_float8(model: LlavaVLM, *, emulate: bool = False) -> int:
     (small, trained from scratch in stage 1), not the frozen vision tower. Linears whose dimensions
     are not multiples of 16, and LoRA adapters, stay as they are. The packed length T is the inner dimension of the
     weight-gradient matmul and is rarely a multiple of 16: ``pad_inner_dim`` pads it (one copy).
-    Apply before :func:`barnfast.parallel.apply_fsdp`. Raises RuntimeError naming ``train.float8``
+    Apply before :func:`barnfast.training.parallel.apply_fsdp`. Raises RuntimeError naming ``train.float8``
     where float8 cannot run. ``emulate``: float8 rounding with high-precision matmuls, on any device
     (tests; no speed-up).
     """

@@ -1,0 +1,491 @@
+"""The train loop of ``barnfast train``: one Trainer runs a recipe's stages on one or many processes.
+
+Stage 1 trains the projector on captions, stage 2 the projector and the LLM on instructions. The
+global batch is counted in samples and is the same whatever the number of processes; each rank
+runs its share as packed micro-batches and the loss of a step is the mean over all its target
+tokens (the normaliser is the global target count, all-reduced on device). The command line is
+:mod:`barnfast.train`; :func:`run` is what it calls once the recipe is resolved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from barnfast.config import Recipe
+from barnfast.data import packing
+from barnfast.data.dataset import MicroBatches, StageDataset
+from barnfast.data.llava import load_llava_json
+from barnfast.data.synthetic import ensure_synthetic
+from barnfast.data.vision_cache import VisionFeatureCache
+from barnfast.data.vision_cache import settings_for as vision_cache_settings
+from barnfast.models import backbones
+from barnfast.models import vision as vision_registry
+from barnfast.models.export import export_hf
+from barnfast.models.s2 import input_size as s2_input_size
+from barnfast.models.vlm import build_model
+from barnfast.training import checkpoint, distributed
+from barnfast.training import flops as flops_lib
+from barnfast.training.parallel import gradient_sync
+from barnfast.training.runinfo import write_run_record
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_ratio: float) -> float:
+    """Cosine schedule with linear warm-up (LLaVA-1.5: 3%), a pure function of the step (0-based)."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_vision_name(recipe: Recipe) -> str:
+    name = recipe.model.vision
+    bb = backbones.from_name(recipe.model.backbone)
+    if name == "auto":
+        name = "clip-l-336"
+        if bb.tiny:
+            name = vision_registry.from_name(name).tiny_twin
+    return name
+
+
+def stage_data(recipe: Recipe, stage_name: str) -> tuple[Path, Path]:
+    """(data file, image root) of a stage; the built-in synthetic set is generated on first use."""
+    given = recipe.data.stage1_data if stage_name == "stage1" else recipe.data.stage2_data
+    if given is not None:
+        path = Path(given)
+        return path, Path(recipe.data.image_root) if recipe.data.image_root else path.parent
+    root = Path(recipe.data.synthetic_dir or Path(recipe.output_dir) / "data")
+    ensure_synthetic(root, num_stage1=recipe.data.synthetic_stage1, num_stage2=recipe.data.synthetic_stage2,
+                     num_eval=recipe.data.synthetic_eval, seed=0)
+    return root / f"{stage_name}.json", root
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved and the run can continue with --resume."""
+
+
+class MicroBatchOOMError(RuntimeError):
+    """Out of memory on a micro-batch; the message names the token budget to lower."""
+
+
+class Trainer:
+    """Builds the model once and runs the recipe's stages on it."""
+
+    def __init__(self, recipe: Recipe, dist_info: distributed.DistInfo, show_progress: bool = True):
+        self.recipe = recipe
+        self.dist = dist_info
+        self.show_progress = show_progress and dist_info.is_main
+        self.out = Path(recipe.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = dist_info.device
+        self.backbone = backbones.from_name(recipe.model.backbone)
+        self.vision = vision_registry.from_name(resolve_vision_name(recipe))
+        seed_everything(recipe.train.seed)
+        self.model, self.tokenizer = build_model(self.backbone, self.vision, **self._model_kwargs())
+        self.model.to(self.device)
+        use_bf16 = recipe.train.dtype == "bf16" or (recipe.train.dtype == "auto" and self.device.type == "cuda")
+        self.use_bf16 = use_bf16
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
+                         else contextlib.nullcontext())
+        self.max_length = recipe.train.max_length or self.backbone.max_position_embeddings
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.samples_seen = 0
+        self.flops = flops_lib.FlopCounter(self.model)
+        self._lora_applied = False
+        self._fsdp = None
+        self._sigterm = False
+        if recipe.train.activation_checkpointing:
+            from barnfast.training.parallel import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model)
+        if recipe.train.float8:
+            from barnfast.training.optim import apply_float8
+
+            apply_float8(self.model)
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.dist.is_main:
+            write_run_record(self.out / "run.json", recipe.to_dict(), self.dist.world_size, self.device)
+
+    def close(self) -> None:
+        """Give SIGTERM back to whoever handled it before (a sweep, a test runner)."""
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+    def _model_kwargs(self) -> dict:
+        """What build_model needs from the recipe (the same for the trained model and its export copy)."""
+        m, t = self.recipe.model, self.recipe.train
+        return dict(model_path=m.model_path, vision_path=m.vision_path, seed=t.seed,
+                    projector_approximate=m.projector_approximate, pad_vocab_to_multiple_of=m.pad_vocab_to_multiple_of,
+                    kernel_backend=t.kernel_backend, projector=m.projector, perceiver_latents=m.perceiver_latents,
+                    perceiver_depth=m.perceiver_depth, s2_scales=m.s2_scales)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # What a cluster scheduler sends before killing the job: finish the step, save, exit.
+        self._sigterm = True
+
+    # -- the whole run ----------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        """All stages of the recipe, from the latest checkpoint when ``resume``."""
+        names = [s.name for s in self.recipe.stages]
+        ckpt = checkpoint.latest_checkpoint(self.out / "checkpoints") if resume else None
+        state = checkpoint.read_state(ckpt) if ckpt is not None else None
+        if state is not None and state.stage not in names:
+            raise RuntimeError(f"checkpoint {ckpt} is of stage {state.stage!r}, not in this recipe's stages {names}")
+        if state is not None:
+            self._truncate_metrics(names, state)
+        for i, stage in enumerate(self.recipe.stages):
+            if state is not None and (i < names.index(state.stage) or (stage.name == state.stage and state.stage_done)):
+                if stage.name == state.stage:  # finished stage: its parameters seed the next one
+                    self.prepare_stage(stage)
+                    checkpoint.load_checkpoint(ckpt, self.model, None, self.dist, restore_rng=False)
+                    self.samples_seen = state.samples_seen
+                continue
+            self.run_stage(stage, resume=ckpt if state is not None and stage.name == state.stage else None)
+
+    def _truncate_metrics(self, names: list[str], state: checkpoint.TrainerState) -> None:
+        """Drop metrics of steps after the checkpoint: the resumed run logs them again."""
+        if not self.dist.is_main or not self.metrics_path.exists():
+            return
+        keep_before = (names.index(state.stage), state.step)
+        rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+        kept = [r for r in rows if (names.index(r["stage"]), r["step"]) < keep_before]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # -- data ---------------------------------------------------------------------------------
+    def build_dataset(self, stage) -> StageDataset:
+        path, image_root = stage_data(self.recipe, stage.name)
+        template = "plain" if stage.template == "plain" else (
+            self.backbone.chat_template if stage.template == "auto" else stage.template)
+        stage_dir = self.out / stage.name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        data = StageDataset(
+            load_llava_json(path), tokenizer=self.tokenizer, template=template,
+            image_token_id=self.model.image_token_id, image_root=image_root, max_length=self.max_length,
+            image_spec=self.vision.image_spec(self.recipe.data.image_aspect,
+                                              size=s2_input_size(self.vision, self.model.s2_scales)),
+            max_skip_fraction=self.recipe.data.max_skip_fraction,
+            skipped_path=stage_dir / "skipped_samples.jsonl" if self.dist.is_main else None,
+            show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
+            num_image_tokens=self.model.visual_tokens_per_image,
+        )
+        r = self.recipe
+        if r.data.vision_cache and r.train.packing:
+            # The frozen tower's features, encoded once per image (ranks share the missing ones) and
+            # served instead of pixels; padded (LLaVA-way) batches keep pixels.
+            cache = VisionFeatureCache(r.data.vision_cache, vision_cache_settings(
+                self.vision, s2_scales=self.model.s2_scales, image_aspect=r.data.image_aspect,
+                dtype=r.data.vision_cache_dtype, seed=r.train.seed, vision_path=r.model.vision_path))
+
+            def encode(pixels):
+                with self.autocast:  # the features the training step would compute
+                    return self.model.visual_features(pixels.to(self.device))
+
+            keys = cache.fill(data.image_paths(), data.load_pixels, encode, batch_size=r.data.vision_cache_batch,
+                              rank=self.dist.rank, world_size=self.dist.world_size,
+                              show_progress=self.show_progress, log=print if self.dist.is_main else None)
+            distributed.barrier(self.dist)
+            data.use_vision_cache(cache, keys)
+        return data
+
+    def plan(self, data: StageDataset, stage, epoch: int) -> packing.EpochPlan:
+        """The epoch's plan; a last step with fewer samples than ranks is dropped (it cannot be split)."""
+        n, W = len(data.lengths), self.dist.world_size
+        plan = packing.plan_epoch(data.lengths, global_batch=stage.global_batch,
+                                  token_budget=self.recipe.train.token_budget, world_size=W,
+                                  seed=self.recipe.train.seed, epoch=epoch,
+                                  drop_last=0 < n % stage.global_batch < W)
+        over = int((data.lengths > self.recipe.train.token_budget).sum())
+        if over and self.dist.is_main and epoch == 0:
+            warnings.warn(f"{stage.name}: {over} sample(s) are longer than train.token_budget="
+                          f"{self.recipe.train.token_budget} and get a micro-batch each; raise --token-budget "
+                          f"(longest: {int(data.lengths.max())} tokens)", stacklevel=2)
+        return plan
+
+    def micro_batches(self, plan: packing.EpochPlan, step: int) -> list[np.ndarray]:
+        """This rank's micro-batches of a step: packed by the planner, or fixed-size padded ones."""
+        if self.recipe.train.packing:
+            return plan.micro_batches(step, self.dist.rank)
+        mine = plan.step_samples(step)[self.dist.rank::self.dist.world_size]
+        k = self.recipe.train.micro_batch_size
+        return [mine[i:i + k] for i in range(0, len(mine), k)]
+
+    # -- one stage ----------------------------------------------------------------------------
+    def prepare_stage(self, stage) -> None:
+        """Freeze/unfreeze for the stage; with LoRA, stage 2 trains the adapters and the projector only."""
+        lora = stage.train_llm and self.recipe.lora.enabled
+        self.model.set_trainable(projector=True, llm=stage.train_llm and not lora)
+        if lora and not self._lora_applied:
+            from barnfast.training.lora import apply_lora
+
+            apply_lora(self.model, self.recipe.lora.to_lora_config())
+            self._lora_applied = True
+        elif lora:
+            for name, p in self.model.language_model.named_parameters():
+                p.requires_grad_(".lora_" in name)
+
+    def wrap(self, stage):
+        """The module the step calls: DDP, FSDP2 or the model itself."""
+        r, d = self.recipe, self.dist
+        if r.train.parallel == "fsdp" and d.enabled:
+            if self._fsdp is None:
+                from barnfast.training.parallel import apply_fsdp
+
+                self._fsdp = apply_fsdp(self.model, param_dtype=torch.bfloat16 if self.use_bf16 else None)
+            return self._fsdp
+        if d.enabled:
+            return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return self.model
+
+    def build_optimizer(self, params, stage):
+        if self.recipe.train.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=stage.weight_decay,
+                                     fused=self.device.type == "cuda")
+        from barnfast.training.optim import build_optimizer
+
+        return build_optimizer(params, kind=self.recipe.train.optimizer, lr=stage.lr, weight_decay=stage.weight_decay)
+
+    def run_stage(self, stage, resume: Path | None = None) -> list[dict]:
+        """Train one stage; ``resume`` is a checkpoint of this stage to continue from."""
+        r, d = self.recipe, self.dist
+        seed_everything(r.train.seed)
+        self.prepare_stage(stage)
+        data = self.build_dataset(stage)
+        plan = self.plan(data, stage, epoch=0)
+        per_epoch = plan.num_steps
+        total = per_epoch * stage.epochs if stage.max_steps is None else min(per_epoch * stage.epochs, stage.max_steps)
+        module = self.wrap(stage)  # first: fully_shard replaces the parameters with sharded ones
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = self.build_optimizer(params, stage)
+        start, nonfinite = 0, 0
+        if resume is not None:
+            state = checkpoint.load_checkpoint(resume, module, opt, d)
+            start, nonfinite, self.samples_seen = state.step, state.nonfinite_in_a_row, state.samples_seen
+        bar = tqdm(total=total, initial=start, desc=stage.name, disable=not self.show_progress, dynamic_ncols=True)
+        history = []
+        step = start
+        while step < total:
+            epoch, first = divmod(step, per_epoch)
+            if epoch:
+                plan = self.plan(data, stage, epoch=epoch)
+            count = min(per_epoch, total - epoch * per_epoch) - first
+            for k, mbs in enumerate(self._loader(data, plan, range(first, first + count))):
+                rec = self.train_step(module, opt, params, stage, mbs, step, total)
+                rec["epoch"] = epoch
+                if rec["skipped"]:
+                    nonfinite += 1
+                    self._log_nonfinite(stage, data, plan, first + k, step, rec)
+                else:
+                    nonfinite = 0
+                history.append(rec)
+                if d.is_main and step % r.train.log_every == 0:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                smp_s=f"{rec['samples_per_s']:.1f}",
+                                **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}))
+                bar.update(1)
+                step += 1
+                state = checkpoint.TrainerState(stage.name, step, step >= total, self.samples_seen, nonfinite)
+                if nonfinite > r.train.max_nonfinite_in_a_row:
+                    self.save(module, opt, state)
+                    raise NonFiniteError(
+                        f"{stage.name}: {nonfinite} steps in a row had a non-finite loss or gradient norm "
+                        f"(limit train.max_nonfinite_in_a_row={r.train.max_nonfinite_in_a_row}); a checkpoint was "
+                        f"saved at step {step}; the sample ids of each skipped step are in "
+                        f"{self.out / 'nonfinite_steps.jsonl'}. Lower the learning rate or check those samples.")
+                if self._preempted():
+                    self.save(module, opt, state)
+                    raise Preempted(f"SIGTERM: checkpoint saved at {stage.name} step {step}; continue with --resume")
+                if step < total and r.train.checkpoint_every and step % r.train.checkpoint_every == 0:
+                    self.save(module, opt, state)
+        bar.close()
+        self.save(module, opt, checkpoint.TrainerState(stage.name, step, True, self.samples_seen, nonfinite))
+        return history
+
+    def save(self, module, opt, state: checkpoint.TrainerState) -> Path:
+        return checkpoint.save_checkpoint(self.out / "checkpoints", module, opt, state, self.dist,
+                                          keep=self.recipe.train.keep_checkpoints)
+
+    def _preempted(self) -> bool:
+        """Whether any rank got SIGTERM (all ranks must agree to save together)."""
+        flag = torch.tensor([1.0 if self._sigterm else 0.0], device=self.device)
+        return bool(distributed.all_reduce_sum(flag, self.dist).item() > 0)
+
+    def _log_nonfinite(self, stage, data: StageDataset, plan, step_in_epoch: int, step: int, rec: dict) -> None:
+        if not self.dist.is_main:
+            return
+        ids = [data.items[int(i)].id for i in plan.step_samples(step_in_epoch)]
+        with open(self.out / "nonfinite_steps.jsonl", "a") as f:
+            f.write(json.dumps({"stage": stage.name, "step": step, "loss": rec["loss"],
+                                "grad_norm": rec["grad_norm"], "sample_ids": ids}) + "\n")
+        warnings.warn(f"{stage.name} step {step}: non-finite loss/grad norm, step skipped "
+                      f"(samples: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''})", stacklevel=2)
+
+    def _loader(self, data: StageDataset, plan, steps: range):
+        """Yields, per step, the list of this rank's micro-batches (built in DataLoader workers)."""
+        per_step = [self.micro_batches(plan, s) for s in steps]
+        flat = [mb for mbs in per_step for mb in mbs]
+        ds = MicroBatches(data, flat, packed=self.recipe.train.packing)
+        nw = self.recipe.data.num_workers
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw,
+                                             persistent_workers=False, prefetch_factor=4 if nw else None,
+                                             pin_memory=self.device.type == "cuda")
+        it = iter(loader)
+        for mbs in per_step:
+            yield [next(it) for _ in mbs]
+
+    def _micro_step(self, module, batch, normaliser):
+        """Forward and backward of one micro-batch; an out-of-memory error says what to lower."""
+        try:
+            with self.autocast:
+                loss = module(batch, normaliser)
+            loss.backward()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            text = str(exc)
+            if not (isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text
+                    or "can't allocate memory" in text):
+                raise
+            raise MicroBatchOOMError(
+                f"out of memory on a micro-batch of {batch.num_tokens} tokens ({len(batch.sample_ids)} samples; "
+                f"train.token_budget={self.recipe.train.token_budget}). Lower it, e.g. --token-budget "
+                f"{max(16, self.recipe.train.token_budget // 2)}, or turn on --set train.activation_checkpointing=true"
+            ) from exc
+        return loss.detach()
+
+    def train_step(self, module, opt, params, stage, batches, step: int, total: int) -> dict:
+        d = self.dist
+        t0 = time.perf_counter()
+        batches = [b.to(self.device) for b in batches]
+        # The loss normaliser: target tokens of the whole global batch, counted and reduced on device.
+        local_targets = torch.stack([b.num_targets for b in batches]).sum().float()
+        global_targets = distributed.all_reduce_sum(local_targets.clone(), d)
+        # DDP/FSDP average gradients over ranks; dividing by global/world makes the result a global mean.
+        normaliser = (global_targets / d.world_size).clamp(min=1.0)
+        lr = lr_at(step, total, stage.lr, stage.warmup_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for i, b in enumerate(batches):
+            with gradient_sync(module, enabled=i == len(batches) - 1):
+                loss_sum += self._micro_step(module, b, normaliser)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        step_loss = distributed.all_reduce_sum(loss_sum, d) / d.world_size
+        finite = bool(torch.isfinite(step_loss).item() and torch.isfinite(grad_norm).item())
+        if finite:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        f64 = dict(device=self.device, dtype=torch.float64)
+        lens = torch.cat([b.cu_seqlens.diff() if hasattr(b, "cu_seqlens") else b.attention_mask.sum(1)
+                          for b in batches]).to(torch.float64)
+        stats = torch.stack([
+            lens.sum(), (lens ** 2).sum(),
+            torch.tensor(float(sum(b.num_tokens for b in batches)), **f64),
+            torch.tensor(float(sum(len(b.sample_ids) for b in batches)), **f64),
+            torch.tensor(float(sum(b.num_images for b in batches)), **f64),
+        ])
+        real, len_sq, computed, n_samples, n_images = distributed.all_reduce_sum(stats, d).tolist()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.samples_seen += int(n_samples)
+        cached = all(getattr(b, "visual_features", None) is not None or b.pixel_values is None for b in batches)
+        flops = self.flops.step(real, len_sq, n_images, stage.train_llm, vision_computed=not cached)
+        peak = flops_lib.peak_flops(self.device)
+        return {
+            "step": step, "stage": stage.name, "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+            "skipped": not finite, "tokens": int(real), "tokens_per_s": real / dt,
+            "samples_per_s": n_samples / dt, "padding_efficiency": real / computed, "micro_batches": len(batches),
+            "samples_seen": self.samples_seen, "step_time_s": dt, "target_tokens": int(global_targets.item()),
+            "tflops_per_device": flops / dt / d.world_size / 1e12,
+            "mfu": None if peak is None else flops / dt / d.world_size / peak,
+        }
+
+    def export(self) -> Path:
+        """The final model as a Hugging Face folder (LoRA merged on request; FSDP shards gathered first)."""
+        dest = self.out / "export"
+        meta = {"backbone": self.backbone.name, "chat_template": self.backbone.chat_template,
+                "stop_tokens": list(self.backbone.stop_tokens), "image_aspect": self.recipe.data.image_aspect,
+                "seed": self.recipe.train.seed}
+        model = self.model
+        if self._fsdp is not None:  # every rank takes part in the gather; rank 0 rebuilds an unsharded copy
+            from barnfast.training.parallel import full_state_dict
+
+            state = full_state_dict(self.model)
+            if self.dist.is_main:
+                model = self._unsharded_copy(state)
+        if self.dist.is_main:
+            lora = self._lora_applied
+            if lora and self.recipe.lora.merge_on_export:
+                from barnfast.training.lora import merge_lora
+
+                merge_lora(model)
+            elif lora:  # base weights as a plain Llava folder, the adapters beside them
+                import copy
+
+                from safetensors.torch import save_file
+
+                from barnfast.training.lora import lora_state_dict, unload_lora
+
+                adapters = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+                model = copy.deepcopy(model)
+                unload_lora(model)
+                dest.mkdir(parents=True, exist_ok=True)
+                save_file(adapters, str(dest / "lora_adapters.safetensors"))
+                meta["lora"] = {"rank": self.recipe.lora.rank, "alpha": self.recipe.lora.alpha,
+                                "target_modules": list(self.recipe.lora.target_modules), "merged": False}
+            export_hf(model, self.tokenizer, dest, meta=meta)
+        distributed.barrier(self.dist)
+        return dest
+
+    def _unsharded_copy(self, state: dict):
+        """A plain (unsharded, CPU) model built like this one, holding ``state``: what FSDP export writes."""
+        r = self.recipe
+        model, _ = build_model(self.backbone, self.vision, **self._model_kwargs())
+        if self._lora_applied:
+            from barnfast.training.lora import apply_lora
+
+            apply_lora(model, r.lora.to_lora_config())
+        model.load_state_dict(state)
+        return model
+
+
+def run(recipe: Recipe, *, resume: bool = False, show_progress: bool = True) -> int:
+    """Train every stage of ``recipe`` and export; 143 when preempted by SIGTERM (checkpoint saved)."""
+    backbones.from_name(recipe.model.backbone)  # unknown name → error listing the known ones, before any work
+    info = distributed.init_distributed()
+    try:
+        trainer = Trainer(recipe, info, show_progress=show_progress)
+        try:
+            trainer.run(resume=resume)
+            trainer.export()
+        except Preempted as exc:
+            print(exc, flush=True)
+            return 143  # 128 + SIGTERM, as the scheduler expects
+        finally:
+            trainer.close()
+    finally:
+        distributed.close(info)
+    return 0
