@@ -2,7 +2,8 @@ import pytest
 
 from barnfast.config import load_recipe, recipe_from_dict
 from barnfast.errors import ConfigError
-from barnfast.train import lr_at, parse_args, recipe_from_args
+from barnfast.train import parse_args, recipe_from_args
+from barnfast.training.trainer import lr_at
 
 
 def test_full_recipe_is_llava15():
