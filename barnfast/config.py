@@ -199,12 +199,6 @@ class LoraSection:
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         _check(len(self.target_modules) >= 1, "lora.target_modules", "must name at least one module")
 
-    def to_lora_config(self):
-        from barnfast.training.lora import LoraConfig
-
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          target_modules=tuple(self.target_modules))
-
 
 @dataclass
 class Recipe:

@@ -40,6 +40,12 @@ class LoraConfig:
     target_modules: tuple[str, ...] = LLAMA_LINEARS
     """Names (last path component) of the decoder linears that get adapters."""
 
+    @classmethod
+    def from_recipe(cls, section) -> LoraConfig:
+        """From the recipe's ``[lora]`` table (:class:`barnfast.config.LoraSection`)."""
+        return cls(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                   target_modules=tuple(section.target_modules))
+
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"lora.rank must be an integer >= 1, got {self.rank!r}")

@@ -236,9 +236,9 @@ class Trainer:
         lora = stage.train_llm and self.recipe.lora.enabled
         self.model.set_trainable(projector=True, llm=stage.train_llm and not lora)
         if lora and not self._lora_applied:
-            from barnfast.training.lora import apply_lora
+            from barnfast.training.lora import LoraConfig, apply_lora
 
-            apply_lora(self.model, self.recipe.lora.to_lora_config())
+            apply_lora(self.model, LoraConfig.from_recipe(self.recipe.lora))
             self._lora_applied = True
         elif lora:
             for name, p in self.model.language_model.named_parameters():
@@ -465,9 +465,9 @@ class Trainer:
         r = self.recipe
         model, _ = build_model(self.backbone, self.vision, **self._model_kwargs())
         if self._lora_applied:
-            from barnfast.training.lora import apply_lora
+            from barnfast.training.lora import LoraConfig, apply_lora
 
-            apply_lora(model, r.lora.to_lora_config())
+            apply_lora(model, LoraConfig.from_recipe(r.lora))
         model.load_state_dict(state)
         return model
 
