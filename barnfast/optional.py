@@ -62,8 +62,8 @@ def unsupported_transformers(what: str) -> RuntimeError:
     where = "inside" if transformers_in_range() else "outside"
     return RuntimeError(
         f"{what}: barnfast does not recognise this in transformers {transformers_version()} ({where} the "
-        f"supported range transformers{TRANSFORMERS_SUPPORTED}); install a supported version "
-        f"(pip install -c constraints.txt -e .) or pass the option that turns this patch off"
+        f"supported range transformers{TRANSFORMERS_SUPPORTED}); install a tested release: "
+        f"pip install 'transformers{TRANSFORMERS_SUPPORTED}' (or the repository's constraints.txt)"
     )
 
 
