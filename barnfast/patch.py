@@ -21,6 +21,12 @@ What changes, on this instance only (other models in the process, and the classe
 - ``liger``: :func:`barnfast.models.liger.apply_liger_to_decoder` on the decoder (CUDA and liger-kernel only;
   a no-op with a log line otherwise).
 
+Outputs are built from the fields the installed transformers declares (``dataclasses.fields`` of the output
+class, filled from the decoder output's fields of the same names), so a release that renames a field (5.24:
+``past_key_values`` -> ``cache``, ``image_hidden_states`` -> ``image_outputs``) needs no change here; when
+the forward or the outputs are not what this module relies on, patching raises a ``RuntimeError`` naming
+the model class, the transformers version and the supported range (``barnfast.optional``).
+
 Parameter names and ``state_dict`` keys do not change, so ``save_pretrained``/``from_pretrained`` work on a
 patched model, and the checkpoint loads into an unpatched one. :func:`revert_barnfast_kernels` restores the
 original projector module, the class's forward and (if this patch applied it) the decoder without Liger.
@@ -28,6 +34,7 @@ original projector module, the class's forward and (if this patch applied it) th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -36,14 +43,22 @@ import types
 import torch
 import torch.nn as nn
 from transformers import LlavaForConditionalGeneration, PreTrainedModel
-from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaMultiModalProjector
 
+from barnfast import optional
 from barnfast.kernels import ProjectorMLP
 from barnfast.kernels import fused_linear_cross_entropy as _fused_linear_cross_entropy
 from barnfast.models.liger import apply_liger_to_decoder, revert_liger
+
+# Internals (not in transformers' public API): imported here, checked in apply_barnfast_kernels, so that a
+# release that moves them gets the message naming the version and the supported range, not an ImportError.
+try:
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaMultiModalProjector
+except ImportError as exc:  # pragma: no cover - only on an unsupported transformers
+    _INTERNALS_MISSING: ImportError | None = exc
+else:
+    _INTERNALS_MISSING = None
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +92,11 @@ def apply_barnfast_kernels(
             f"model already patched by apply_barnfast_kernels ({getattr(model, _STATE)['applied']}); "
             "call revert_barnfast_kernels(model) first"
         )
+    if _INTERNALS_MISSING is not None:
+        raise optional.unsupported_transformers(
+            f"apply_barnfast_kernels({type(model).__name__}): {_INTERNALS_MISSING}"
+        ) from _INTERNALS_MISSING
+    optional.warn_if_transformers_out_of_range("apply_barnfast_kernels")
     is_llava = isinstance(model, LlavaForConditionalGeneration)
     if not is_llava:
         model_type = getattr(model.config, "model_type", None)
@@ -86,6 +106,7 @@ def apply_barnfast_kernels(
                 f"LlavaForConditionalGeneration or a *ForCausalLM of {SUPPORTED_CAUSAL_LM}"
             )
     if fused_linear_cross_entropy:  # checked before anything changes: no half-patched model
+        _check_forward_and_output(model)
         if not isinstance(model.lm_head, nn.Linear):
             raise ValueError(
                 f"fused_linear_cross_entropy needs lm_head to be nn.Linear, got {type(model.lm_head)}"
@@ -208,21 +229,52 @@ def _fused_loss_forward(self, signature: inspect.Signature, *args, **kwargs):
     # The class forward's body up to lm_head: every argument but labels/logits_to_keep goes to self.model,
     # including **kwargs (num_items_in_batch among them, as the class forward does).
     outputs = self.model(**arguments, **extra)
-    hidden = slice_logits_to_keep(outputs[0], logits_to_keep)  # (B, T', H)
+    hidden = _keep_positions(outputs[0], logits_to_keep)  # (B, T', H)
     loss = _causal_lm_loss(hidden, self.lm_head, labels, extra, state["backend"])
-
-    fields = dict(
-        loss=loss,
-        logits=None,
-        past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-    )
-    if isinstance(self, LlavaForConditionalGeneration):
-        out = LlavaCausalLMOutputWithPast(**fields, image_hidden_states=outputs.image_hidden_states)
-    else:
-        out = CausalLMOutputWithPast(**fields)
+    out = _build_output(self, outputs, loss)
     return out if return_dict else out.to_tuple()
+
+
+def _output_class(model: PreTrainedModel) -> type:
+    return LlavaCausalLMOutputWithPast if isinstance(model, LlavaForConditionalGeneration) else CausalLMOutputWithPast
+
+
+def _check_forward_and_output(model: PreTrainedModel) -> None:
+    """What ``_fused_loss_forward`` relies on, checked at patch time: the class forward takes ``labels`` and
+    ``**kwargs`` (its signature is what the patched forward binds), and the output class is a dataclass
+    with ``loss`` and ``logits`` (set here; every other field is copied from the decoder's output)."""
+    name = type(model).__name__
+    parameters = inspect.signature(type(model).forward).parameters
+    if "labels" not in parameters or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        raise optional.unsupported_transformers(f"{name}.forward{tuple(parameters)} (expected labels and **kwargs)")
+    cls = _output_class(model)
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    if not {"loss", "logits"} <= fields:
+        raise optional.unsupported_transformers(f"{name}: output class {cls.__name__} fields {sorted(fields)}")
+
+
+def _build_output(model: PreTrainedModel, outputs, loss: torch.Tensor):
+    """The class's output type with ``loss``, ``logits=None``, and every other field it declares taken from
+    the decoder's output of the same name (``past_key_values`` or ``cache``, ``hidden_states``,
+    ``attentions``, ``image_hidden_states`` or ``image_outputs``..., whatever this release calls them). A
+    field the decoder output does not declare would be silently lost, so it is an error instead."""
+    cls = _output_class(model)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("loss", "logits")]
+    declared = {f.name for f in dataclasses.fields(outputs)} if dataclasses.is_dataclass(outputs) else set()
+    missing = [n for n in names if n not in declared]
+    if missing:
+        raise optional.unsupported_transformers(
+            f"{type(model).__name__}: {cls.__name__} declares {missing}, which the decoder's "
+            f"{type(outputs).__name__} (fields {sorted(declared)}) does not"
+        )
+    return cls(loss=loss, logits=None, **{n: getattr(outputs, n) for n in names})
+
+
+def _keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """``hidden[:, positions]`` as HF's forwards slice before ``lm_head``: an int k keeps the last k
+    positions (0: all of them), a tensor holds the positions. (B, T, H) -> (B, T', H)."""
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden[:, keep, :]
 
 
 def _causal_lm_loss(

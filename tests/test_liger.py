@@ -1,6 +1,8 @@
 """Liger patching of the decoder: off on CPU, instance-scoped, checkpoint-compatible, equal on CUDA."""
 
 import copy
+import re
+import types
 
 import pytest
 import torch
@@ -88,7 +90,8 @@ def test_patch_is_instance_scoped_same_keys_same_math_revertible(backbone):
     assert calls["rope"] == 2 * L
 
     other(packed(samples))  # a second model of the same classes: untouched
-    assert calls["rope"] == 2 * L and all("forward" not in m.__dict__ for m in other.modules())
+    # (its decoder: transformers 5.0's output capture leaves bound class forwards on the vision tower's layers)
+    assert calls["rope"] == 2 * L and all("forward" not in m.__dict__ for m in other.language_model.modules())
 
     revert_liger(model.language_model)
     model(packed(samples))
@@ -132,3 +135,32 @@ def test_cuda_liger_matches_unpatched(backbone):
     assert seen == [True], "the final norm did not run Liger's RMSNorm"
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     _assert_same(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):  # noqa: ARG001 - a module-level name the class below never calls
+    raise AssertionError("not called")
+
+
+def _rope_elsewhere(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    return hidden_states, None
+
+
+@pytest.mark.parametrize("why", ["no module-level apply_rotary_pos_emb", "does not call apply_rotary_pos_emb"])
+def test_unrecognised_attention_refused_naming_class_version_range_before_any_change(why):
+    """An attention whose forward reaches RoPE some other way is refused by the probe, with the class, the
+    installed transformers and the supported range in the message, and no module of the decoder is patched.
+    Two ways: a forward whose globals have no ``apply_rotary_pos_emb``, and one (in this test module, which
+    has that name) that never calls it."""
+    model, _ = tiny_model("llama3-tiny")
+    lm = model.language_model
+    forward = _rope_elsewhere
+    if why.startswith("no"):
+        forward = types.FunctionType(_rope_elsewhere.__code__, {}, "forward", _rope_elsewhere.__defaults__)
+    renamed = type("RenamedAttention", (type(lm.layers[0].self_attn),), {"forward": forward})
+    for layer in lm.layers:
+        layer.self_attn.__class__ = renamed
+    pattern = (rf"RenamedAttention.*{why}.*transformers {re.escape(optional.transformers_version())} .*"
+               rf"{re.escape(optional.TRANSFORMERS_SUPPORTED)}")
+    with pytest.raises(RuntimeError, match=pattern):
+        apply_liger_to_decoder(lm, kernels=_twin_kernels({}))
+    assert all("forward" not in m.__dict__ for m in lm.modules()) and "_barnfast_liger" not in lm.__dict__

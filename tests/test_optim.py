@@ -1,6 +1,8 @@
 """Optimizers (AdamW, torchao 8-bit AdamW) and float8 training of the decoder linears."""
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -73,6 +75,48 @@ def test_adamw8bit_runs_on_cpu_tracks_adamw_with_a_quarter_of_the_state():
     diff = (w8 - w32).abs()
     assert diff.mean().item() < 0.02 * moved and diff.max().item() < 0.15 * moved, (diff.mean(), diff.max())
     assert losses8 == pytest.approx(losses32, rel=1e-4)
+
+
+def test_adamw8bit_takes_a_float_lr_written_between_steps():
+    """The trainer (and HF schedulers) write ``group["lr"] = <float>`` before each step; torchao's own step
+    refuses that (RuntimeError: lr was changed to a non-Tensor object). The written value must be the one
+    used: lr 0 leaves the weights (weight decay is lr-scaled too), lr LR moves them as a fresh optimizer would."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(SHAPE, generator=g))
+    start = w.detach().clone()
+    opt = build_optimizer([w], kind="adamw8bit", lr=LR, weight_decay=0.01)
+    assert type(opt).__mro__[1].__module__.startswith("torchao")
+    for lr in (0.0, LR):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        (w**2).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if lr == 0.0:
+            assert torch.equal(w.detach(), start)
+    # One Adam step moves each weight by about lr (m/sqrt(v) = +-1 on the first step with a gradient).
+    step = (w.detach() - start).abs()
+    assert 0.5 * LR < step.mean().item() < 1.5 * LR, step.mean()
+
+
+def test_adamw8bit_trains_through_the_cli(tmp_path):
+    """``barnfast.train`` with train.optimizer="adamw8bit": the trainer's per-step float lr reaches torchao's
+    optimizer, and the losses follow AdamW's (same first loss, second within the 8-bit moments' rounding)."""
+    from barnfast.train import main
+
+    losses = {}
+    for kind in ("adamw8bit", "adamw"):
+        out = tmp_path / kind
+        assert main(["--backbone", "llama1-tiny", "--output-dir", str(out), "--stages", "stage1", "--max-steps", "2",
+                     "--set", f'train.optimizer="{kind}"', "--set", "data.synthetic_stage1=32",
+                     "--set", "data.synthetic_stage2=8", "--set", "data.synthetic_eval=4", "--no-progress"]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows), rows
+        losses[kind] = [r["loss"] for r in rows]
+        assert json.loads((out / "run.json").read_text())["config"]["train"]["optimizer"] == kind
+    assert losses["adamw8bit"][0] == losses["adamw"][0]  # before any update: same model, same data
+    assert losses["adamw8bit"][1] != losses["adamw8bit"][0]  # the first step changed the projector
+    assert losses["adamw8bit"][1] == pytest.approx(losses["adamw"][1], rel=1e-2), losses
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: see test_float8_trains_on_h100")

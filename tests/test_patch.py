@@ -9,7 +9,9 @@ order, chunk by chunk), in both of HF's normalisations: mean over non-ignored ta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -99,7 +101,9 @@ def test_llava_loss_and_grads_match_unpatched(llava, num_items_in_batch):
     ref_out, ref_grads = _loss_and_grads(ref, batch, **kw)
     out, grads = _loss_and_grads(model, batch, **kw)
     assert type(out) is type(ref_out) and out.logits is None and ref_out.logits is not None
-    assert out.image_hidden_states is not None
+    # Every field the installed release declares and fills comes back (past_key_values or cache, the image
+    # features as image_hidden_states or image_outputs), except the logits the fused loss never builds.
+    assert set(out.keys()) == set(ref_out.keys()) - {"logits"} and any(k.startswith("image_") for k in out.keys())
     _assert_same(out.loss, ref_out.loss, grads, ref_grads)
     assert grads["model.multi_modal_projector.linear_1.weight"].abs().sum() > 0
 
@@ -345,3 +349,47 @@ def test_hf_trainer_runs_patched_model(llava, tmp_path, monkeypatch):
     # Logged losses are rounded by the Trainer (4 significant digits); the weights must agree much tighter.
     assert losses == pytest.approx(ref_losses, rel=1e-3)
     torch.testing.assert_close(model.lm_head.weight, ref.lm_head.weight, rtol=1e-4, atol=1e-6)
+
+
+def _version_and_range() -> str:
+    return rf"transformers {re.escape(optional.transformers_version())} .*{re.escape(optional.TRANSFORMERS_SUPPORTED)}"
+
+
+def test_output_field_the_decoder_lacks_is_refused_naming_class_version_range(llava, monkeypatch):
+    """A release whose output class declares a field the decoder output does not have (here: an extra
+    ``router_logits``) would lose it silently: the patched forward raises naming it instead."""
+
+    @dataclasses.dataclass
+    class WithRouterLogits(patch.LlavaCausalLMOutputWithPast):
+        router_logits: torch.Tensor | None = None
+
+    model = copy.deepcopy(llava)
+    patch.apply_barnfast_kernels(model, backend="torch")
+    monkeypatch.setattr(patch, "_output_class", lambda m: WithRouterLogits)
+    with pytest.raises(RuntimeError, match=rf"LlavaForConditionalGeneration.*router_logits.*{_version_and_range()}"):
+        model(**_llava_batch(VOCAB))
+
+
+def test_forward_without_kwargs_is_refused_before_anything_changes():
+    """The patched forward binds the class forward's signature and passes **kwargs on (num_items_in_batch):
+    a forward without them is not patched, and the message names the class, the version and the range."""
+    lm = backbones.from_name("llama1-tiny").load_model(seed=0)
+
+    class NoKwargs(type(lm)):
+        def forward(self, input_ids=None, labels=None):
+            return super().forward(input_ids=input_ids, labels=labels)
+
+    lm.__class__ = NoKwargs
+    with pytest.raises(RuntimeError, match=rf"NoKwargs\.forward.*{_version_and_range()}"):
+        patch.apply_barnfast_kernels(lm, backend="torch")
+    assert "forward" not in lm.__dict__ and patch._STATE not in lm.__dict__
+
+
+def test_out_of_range_transformers_warns_once_naming_version_and_range(llava, monkeypatch, caplog):
+    monkeypatch.setattr(optional, "transformers_version", lambda: "5.99.0")
+    monkeypatch.setattr(optional, "_WARNED_RANGE", False)
+    with caplog.at_level("WARNING", logger="barnfast.optional"):
+        patch.apply_barnfast_kernels(copy.deepcopy(llava), backend="torch")
+        patch.apply_barnfast_kernels(copy.deepcopy(llava), backend="torch")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "5.99.0" in warnings[0] and optional.TRANSFORMERS_SUPPORTED in warnings[0]

@@ -7,10 +7,13 @@ What changes, per module instance of the given language model (nothing else in t
   attributes it reads (``offset=0``, ``casting_mode``, ``in_place``, ...) set on the instance;
 - every ``mlp``: ``forward`` → ``LigerSwiGLUMLP.forward`` (``down(silu(gate(x)) * up(x))`` with the
   SiLU-multiply fused; the same ``gate_proj``/``up_proj``/``down_proj`` Linears);
-- every ``self_attn``: ``forward`` → the *same code* as its class's forward, compiled against a copy
-  of its module's globals where ``apply_rotary_pos_emb`` is ``liger_rotary_pos_emb``. Liger's own
+- every ``self_attn``: ``forward`` → the *same code* as its class's forward (and its decorators),
+  with a copy of its globals where ``apply_rotary_pos_emb`` is ``liger_rotary_pos_emb``. Liger's own
   ``apply_liger_kernel_to_llama(model=...)`` swaps the module-level function instead, which changes
-  every Llama in the process; this keeps the swap to this model's layers.
+  every Llama in the process; this keeps the swap to this model's layers. A probe call per attention
+  class checks that the forward really calls that function (transformers 5.24 wraps it in
+  ``deprecate_kwarg``, so reading its bytecode finds nothing); if not, patching raises naming the class,
+  the transformers version and the supported range, before any module is changed.
 
 Each patched forward sends CUDA inputs to the kernel and anything else to the class's own forward
 (Triton kernels need CUDA; a CUDA machine still runs CPU tests on models ``build_model`` patched).
@@ -24,8 +27,8 @@ final hidden states and never calls the Hugging Face ``*ForCausalLM.forward``.
 
 from __future__ import annotations
 
+import inspect
 import logging
-import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +110,9 @@ def apply_liger_to_decoder(language_model: nn.Module, kernels: DecoderKernels | 
         )
         return False
     kernels = kernels or liger_kernels()
+    optional.warn_if_transformers_out_of_range("apply_liger_to_decoder")
+    for layer in language_model.layers:  # raises on unrecognised attention before any module changes
+        _check_rotary_hook(layer.self_attn)
     norms = [language_model.norm]
     for layer in language_model.layers:
         norms += [layer.input_layernorm, layer.post_attention_layernorm]
@@ -136,28 +142,106 @@ def _bind_forward(module: nn.Module, kernel_forward: Callable, applies_to: Calla
 
 
 def _patch_rotary(attn: nn.Module, rotary_fn: Callable, applies_to: Callable) -> None:
-    """Bind to ``attn`` its class's forward, with ``apply_rotary_pos_emb`` resolved to ``rotary_fn``."""
-    cls_forward = type(attn).forward
-    module_globals = sys.modules[type(attn).__module__].__dict__
-    if "apply_rotary_pos_emb" not in cls_forward.__code__.co_names:
-        raise RuntimeError(
-            f"{type(attn).__qualname__}.forward does not call apply_rotary_pos_emb; cannot patch RoPE"
-        )
-    original = module_globals["apply_rotary_pos_emb"]
+    """Bind to ``attn`` its class's forward, with ``apply_rotary_pos_emb`` resolved to ``rotary_fn``.
+
+    The forward is found by behaviour, not by its source: :func:`_with_rotary` rebuilds the class's
+    forward (through decorators such as 5.24's ``deprecate_kwarg``) against globals where the name
+    ``apply_rotary_pos_emb`` is a given function, and :func:`_check_rotary_hook` calls that rebuild once
+    per attention class with a recording function that stops the call: if it is not reached, RoPE is
+    not patched and the error names the class, the transformers version and the supported range.
+    """
+    cls = type(attn)
+    _check_rotary_hook(attn)
+    original = inspect.unwrap(cls.forward).__globals__["apply_rotary_pos_emb"]
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         return (rotary_fn if applies_to(q) else original)(q, k, cos, sin, *args, **kwargs)
 
-    new_globals = {**module_globals, "apply_rotary_pos_emb": apply_rotary_pos_emb}
-    fn = types.FunctionType(
-        cls_forward.__code__,
-        new_globals,
-        cls_forward.__name__,
-        cls_forward.__defaults__,
-        cls_forward.__closure__,
-    )
-    fn.__kwdefaults__ = cls_forward.__kwdefaults__
-    attn.__dict__["forward"] = types.MethodType(fn, attn)
+    attn.__dict__["forward"] = types.MethodType(_with_rotary(cls.forward, apply_rotary_pos_emb), attn)
+
+
+_ROTARY_HOOK_CHECKED: set[type] = set()  # attention classes whose forward was seen to call the hook
+
+
+def _with_rotary(fn: Callable, rotary: Callable) -> types.FunctionType:
+    """A copy of ``fn`` whose innermost function sees ``apply_rotary_pos_emb = rotary``.
+
+    Decorators made with ``functools.wraps`` hold the function they wrap in a closure cell and name it
+    in ``__wrapped__``: each is copied with that cell pointing at the rebuilt inner function, so what the
+    decorators do (renaming deprecated keyword arguments) is kept.
+    """
+    if not isinstance(fn, types.FunctionType):
+        raise optional.unsupported_transformers(f"{fn!r} is not a plain function")
+    wrapped = getattr(fn, "__wrapped__", None)
+    if wrapped is None:
+        new = types.FunctionType(
+            fn.__code__, {**fn.__globals__, "apply_rotary_pos_emb": rotary}, fn.__name__, fn.__defaults__,
+            fn.__closure__,
+        )
+    else:
+        cells = fn.__closure__ or ()
+        at = [i for i, c in enumerate(cells) if _cell_contents(c) is wrapped]
+        if len(at) != 1:
+            raise optional.unsupported_transformers(
+                f"decorator {fn.__qualname__} around {wrapped.__qualname__} does not hold it in one closure cell"
+            )
+        inner = _with_rotary(wrapped, rotary)
+        closure = tuple(types.CellType(inner) if i == at[0] else c for i, c in enumerate(cells))
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+        new.__wrapped__ = inner
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update({k: v for k, v in fn.__dict__.items() if k != "__wrapped__"})
+    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return new
+
+
+def _cell_contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+class _RotaryReached(Exception):
+    """Raised by the probe's RoPE function: the forward called it, nothing after it needs to run."""
+
+
+def _check_rotary_hook(attn: nn.Module) -> None:
+    """Call the rebuilt forward once on 2 positions of zeros, with a RoPE function that raises
+    :class:`_RotaryReached`. Only q/k/v projections run (a few kB of work; on meta tensors for a model
+    built on the meta device); the attention kernel, which may need packing metadata, is never reached."""
+    cls = type(attn)
+    if cls in _ROTARY_HOOK_CHECKED:
+        return
+    name = cls.__qualname__
+    inner = inspect.unwrap(cls.forward)
+    if not isinstance(inner, types.FunctionType) or "apply_rotary_pos_emb" not in inner.__globals__:
+        raise optional.unsupported_transformers(
+            f"{name}.forward has no module-level apply_rotary_pos_emb to patch RoPE through"
+        )
+
+    def reached(q, k, cos, sin, *args, **kwargs):
+        raise _RotaryReached
+
+    head_dim = getattr(attn, "head_dim", None)
+    q_proj = getattr(attn, "q_proj", None)
+    if head_dim is None or not isinstance(q_proj, nn.Linear):
+        raise optional.unsupported_transformers(f"{name} has no head_dim / q_proj Linear")
+    weight = q_proj.weight
+    hidden = torch.zeros(1, 2, q_proj.in_features, device=weight.device, dtype=weight.dtype)  # (B, T, H)
+    cos = torch.ones(1, 2, head_dim, device=weight.device, dtype=weight.dtype)  # (B, T, D)
+    probe = _with_rotary(type(attn).forward, reached)
+    try:
+        with torch.no_grad():
+            probe(attn, hidden_states=hidden, position_embeddings=(cos, torch.zeros_like(cos)), attention_mask=None)
+    except _RotaryReached:
+        _ROTARY_HOOK_CHECKED.add(cls)
+        return
+    except Exception as exc:
+        raise optional.unsupported_transformers(
+            f"{name}.forward failed before RoPE in barnfast's probe call ({type(exc).__name__}: {exc})"
+        ) from exc
+    raise optional.unsupported_transformers(f"{name}.forward does not call apply_rotary_pos_emb; cannot patch RoPE")
 
 
 def revert_liger(language_model: nn.Module) -> None:

@@ -48,8 +48,34 @@ def build_optimizer(params, *, kind: str = "adamw", lr: float, weight_decay: flo
                                  fused=True if on_cuda else None)
     if kind == "adamw8bit":
         optim = _import("torchao.optim", "train.optimizer='adamw8bit'")
-        return optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return _adamw8bit_class(optim.AdamW8bit)(params, lr=lr, betas=betas, weight_decay=weight_decay)
     raise ConfigError(f"train.optimizer={kind!r}: expected one of {OPTIMIZERS}")
+
+
+_ADAMW8BIT_CLASSES: dict[type, type] = {}
+
+
+def _adamw8bit_class(base: type) -> type:
+    """torchao's AdamW8bit that accepts a float ``lr`` written into a param group between steps.
+
+    torchao stores each group's lr as a 0-dim fp32 tensor (so its ``torch.compile``d update takes the lr as
+    an input and is not recompiled for every new value) and its ``step`` raises ``RuntimeError: lr was
+    changed to a non-Tensor object`` when it finds a float there. barnfast's trainer, HF's schedulers and
+    most hand-written loops write floats (``group["lr"] = lr_at(step)``): before torchao's step, this turns
+    a float back into the same kind of tensor torchao's ``__init__`` makes from the constructor's float.
+    The class keeps torchao's name; ``type(opt).__mro__[1]`` is torchao's.
+    """
+    if base not in _ADAMW8BIT_CLASSES:
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                if not isinstance(group["lr"], torch.Tensor):
+                    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+            return base.step(self, closure)
+
+        _ADAMW8BIT_CLASSES[base] = type(base.__name__, (base,), {"step": step, "__module__": __name__,
+                                                                 "__doc__": _adamw8bit_class.__doc__})
+    return _ADAMW8BIT_CLASSES[base]
 
 
 def _tensors(params):
