@@ -292,17 +292,17 @@ def _mm_into(out, a, b):
 
 
 def _chunked_pass(hidden, weight, target, bias, row_scale, need, label_smoothing, softcap, backend,
-                  compute_dtype=None):
+                  compute_dtype=""):
     """One sweep over token chunks of already-compacted rows (no ignored target left).
 
     hidden (n, H), target (n,), row_scale (n,) fp32 (may be an expanded scalar); ``need`` = (grad_hidden,
-    grad_weight, grad_bias) flags; ``compute_dtype``: the GEMM operand dtype (None: the inputs' own, which then
-    share one). Returns loss (n,) fp32, grad_hidden (n, H) in hidden's dtype or None, and fp32 accumulators
+    grad_weight, grad_bias) flags; ``compute_dtype``: the GEMM operand dtype's name ("": the inputs' own, which
+    then share one). Returns loss (n,) fp32, grad_hidden (n, H) in hidden's dtype or None, and fp32 accumulators
     grad_weight (V, H) and grad_bias (V,) or None.
     """
     n, H = hidden.shape
     V = weight.shape[0]
-    cd = compute_dtype or weight.dtype
+    cd = getattr(torch, compute_dtype) if compute_dtype else weight.dtype
     w = weight if weight.dtype == cd else weight.to(cd)  # (V, H) GEMM operand, cast once per call
     need_h, need_w, need_b = need
     compute_grad = need_h or need_w or need_b
@@ -378,7 +378,7 @@ def _forward_impl(
     softcap,
     backend,
     need,
-    compute_dtype=None,
+    compute_dtype="",
     target_rows=None,
 ):
     N = hidden.shape[0]
@@ -426,7 +426,7 @@ def _flce_op(
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
-    compute_dtype: torch.dtype | None = None,
+    compute_dtype: str = "",
     target_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias); a gradient not computed here is a 0-element tensor."""
@@ -464,7 +464,7 @@ def _(
     need_grad_hidden,
     need_grad_weight,
     need_grad_bias,
-    compute_dtype=None,
+    compute_dtype="",
     target_rows=None,
 ):
     loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32)
@@ -491,7 +491,7 @@ def _flce_bwd_none_op(
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
-    compute_dtype: torch.dtype | None = None,
+    compute_dtype: str = "",
     target_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``reduction="none"``: the chunked pass again, the per-token upstream grad as row scale."""
@@ -524,7 +524,7 @@ def _(
     need_grad_hidden,
     need_grad_weight,
     need_grad_bias,
-    compute_dtype=None,
+    compute_dtype="",
     target_rows=None,
 ):
     grad_h = hidden.new_empty(hidden.shape if need_grad_hidden else (0,))
@@ -636,23 +636,23 @@ _flce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _compute_dtype(hidden, weight, bias):
-    """The GEMM operand dtype under autocast, as a built-in GEMM would pick it; None outside autocast.
+    """The GEMM operand dtype's name under autocast, as a built-in GEMM would pick it; "" outside autocast.
 
     Autocast lowers precision only (an fp16/bf16 input under an autocast of the other stays as it is, like
     ``F.linear`` would not); ``torch.get_autocast_dtype`` and ``torch.is_autocast_enabled(device)`` are torch
     >= 2.4."""
     dev = hidden.device.type
     if not torch.is_autocast_enabled(dev):
-        return None
+        return ""
     dt = torch.get_autocast_dtype(dev)
     ins = [t.dtype for t in (hidden, weight, bias) if t is not None]
     if all(x == torch.float32 or x == dt for x in ins) and any(x != dt for x in ins):
-        return dt
-    return None
+        return str(dt).removeprefix("torch.")
+    return ""
 
 
 def _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_target_tokens,
-           compute_dtype=None, target_rows=None):
+           compute_dtype="", target_rows=None):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -663,7 +663,7 @@ def _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, nu
         raise ValueError(
             f"target must be int64 of shape ({hidden.shape[0]},), got {target.dtype} {tuple(target.shape)}"
         )
-    if compute_dtype is None and (hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)):
+    if not compute_dtype and (hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)):
         raise ValueError(
             f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share one dtype (or be fp32 and "
             "the autocast dtype under torch.autocast)"
@@ -712,7 +712,7 @@ def fused_linear_cross_entropy(
     (:class:`barnfast.data.batch.PackedBatch` builds them on the host): the op then makes no host sync. They
     are trusted, not checked (a check would be the sync they avoid).
     """
-    compute_dtype = _compute_dtype(hidden, weight, bias)
+    compute_dtype = _compute_dtype(hidden, weight, bias)  # a name: the op's schema takes it as a string
     _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_target_tokens, compute_dtype,
            target_rows)
     backend = resolve_backend(backend, hidden, weight, target, bias)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._library import custom_ops
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -76,25 +75,28 @@ def _gemm_flops(name: str, args, out) -> float:
     return 2.0 * a.shape[-1] * o.numel()
 
 
-class _AutocastProbe(TorchFunctionMode):
-    """Notes the autocast state at each call of a barnfast custom op.
+@contextlib.contextmanager
+def _autocast_probe(stack: list):
+    """Notes the autocast state at each call of a custom op (``CustomOpDef.__call__``, forward and backward).
 
     Inside ``__torch_dispatch__`` autocast is off, so :class:`OpTrace` re-runs a custom op's Python body
-    under the autocast state its caller had (what the op's body sees in a real run)."""
+    under the autocast state its caller had (what the body sees in a real run). A Python-level wrapper, not a
+    ``TorchFunctionMode``: with one active, torch 2.13 crashes formatting an argument error for these ops."""
+    original = custom_ops.CustomOpDef.__call__
 
-    def __init__(self, stack: list):
-        super().__init__()
-        self.stack = stack
+    def probed(self, *args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        stack.append((self._qualname, dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            stack.pop()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if isinstance(func, torch._ops.OpOverload) and func.namespace == "barnfast":
-            dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-            self.stack.append((func._schema.name, dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
-            try:
-                return func(*args, **(kwargs or {}))
-            finally:
-                self.stack.pop()
-        return func(*args, **(kwargs or {}))
+    custom_ops.CustomOpDef.__call__ = probed
+    try:
+        yield
+    finally:
+        custom_ops.CustomOpDef.__call__ = original
 
 
 class OpTrace(TorchDispatchMode):
@@ -108,7 +110,7 @@ class OpTrace(TorchDispatchMode):
 
     @contextlib.contextmanager
     def active(self):
-        with _AutocastProbe(self._autocast), self:
+        with _autocast_probe(self._autocast), self:
             yield self
 
     @contextlib.contextmanager
@@ -133,7 +135,7 @@ class OpTrace(TorchDispatchMode):
         name = func._schema.name
         if func.namespace == "barnfast" and name in custom_ops.OPDEFS:
             # look inside: run the op's Python body with this mode on again, under its caller's autocast
-            # state (a custom op called by autograd in backward is not seen by the probe: autocast off)
+            # state (one not seen by the probe gets autocast off)
             top = self._autocast[-1] if self._autocast and self._autocast[-1][0] == name else None
             dev, enabled, dtype = top[1:] if top else ("cpu", False, torch.bfloat16)
             with self, torch.autocast(dev, dtype=dtype, enabled=enabled):
@@ -161,7 +163,7 @@ def count_host_reads(trace: OpTrace):
     invisible to a dispatch mode on CPU-only torch, where they copy nothing)."""
     originals = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy", "cpu")}
 
-    inside = []  # a torch-function mode calls the method again from within: count the outer call only
+    inside = []  # count the outermost call only (a method may call another, e.g. numpy() after cpu())
 
     def wrap(n, fn):
         def counted(self, *a, **k):
@@ -196,3 +198,44 @@ def precision_table(gemms: list[GemmRecord]) -> tuple[float, str]:
         lines.append(f"{op:<44} {','.join(dts):<28} {n:>6} {fl / total:>10.1%}")
     lines.append(f"fp32-operand share of {total:.3e} GEMM FLOPs: {fp32:.1%}")
     return fp32, "\n".join(lines)
+
+
+def trace_trainer_phases(monkeypatch, trace: OpTrace) -> None:
+    """Phases of the real trainer: ``micro_step`` (forward + backward of one micro-batch), ``train_step``
+    (the rest of an optimizer step, and the per-step preemption check), ``optimizer.step`` (the update)."""
+    from barnfast.training import trainer as T
+
+    micro, step, preempted = T.Trainer._micro_step, T.Trainer.train_step, T.Trainer._preempted
+
+    def traced_micro(self, *a, **k):
+        with trace.phase("micro_step"):
+            return micro(self, *a, **k)
+
+    def traced_step(self, module, opt, *a, **k):
+        update = opt.step
+
+        def traced_update(*x, **y):
+            with trace.phase("optimizer.step"):
+                return update(*x, **y)
+
+        opt.step = traced_update
+        try:
+            with trace.phase("train_step"):
+                return step(self, module, opt, *a, **k)
+        finally:
+            del opt.step
+
+    def traced_preempted(self):
+        with trace.phase("train_step"):
+            return preempted(self)
+
+    monkeypatch.setattr(T.Trainer, "_micro_step", traced_micro)
+    monkeypatch.setattr(T.Trainer, "train_step", traced_step)
+    monkeypatch.setattr(T.Trainer, "_preempted", traced_preempted)
+
+
+def tiny_stage2_args(backbone: str, out, steps: int = 2) -> list[str]:
+    """A few optimizer steps of stage 2 (projector + LLM) through the real CLI, bf16 autocast on CPU."""
+    return ["--backbone", backbone, "--output-dir", str(out), "--stages", "stage2", "--max-steps", str(steps),
+            "--set", 'train.dtype="bf16"', "--set", "data.synthetic_stage1=8", "--set", "data.synthetic_stage2=32",
+            "--set", "data.synthetic_eval=2", "--set", "data.num_workers=0", "--no-progress"]
