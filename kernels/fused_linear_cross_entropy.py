@@ -36,8 +36,18 @@ Decisions, and why:
 - The mean normaliser is a device tensor (count of non-ignored targets, or ``num_target_tokens``), folded into
   the per-row gradient scale inside the op, so a global normaliser on the device costs no extra sync; a
   normaliser of 0 (every target ignored) gives loss 0, not NaN.
-- grad_weight accumulates in fp32 (``addmm_`` into one (V, H) fp32 buffer; on CUDA bf16/fp16 operands go
-  through ``addmm(out_dtype=float32)``), then is cast once to the weight's dtype. This is what makes the
+- Autocast is followed like a built-in GEMM: under ``torch.autocast`` the public function passes the autocast
+  dtype as the op's ``compute_dtype``, and all three GEMMs (logits, grad_hidden, grad_weight) take operands in
+  it (bf16 tensor cores: 312 vs 19.5 TFLOP/s fp32 on an A100), accumulating in fp32. The inputs themselves
+  stay fp32 (fp32 master ``lm_head.weight``, fp32 hidden states out of the final RMSNorm): the op casts the
+  weight once per call (V*H*2 bytes, what autocast's weight cache holds for ``F.linear`` too) and each hidden
+  chunk, and returns gradients in the inputs' dtypes. This is why it is not ``register_autocast``, which casts
+  the inputs *before* autograd: the weight gradient would then be rounded to bf16 on its way to the fp32
+  master weight, after being accumulated in fp32. Inside the op autocast is off, so every dtype is explicit.
+- grad_weight accumulates in fp32 (one (V, H) fp32 buffer; bf16/fp16 operands go through
+  ``addmm(out_dtype=float32)`` where the build has it (CUDA, torch >= 2.8); elsewhere each chunk's product is
+  computed in the operands' dtype, fp32 accumulation inside the GEMM, and added to the fp32 buffer in blocks of
+  rows, so there is no (V, H) temporary either way), then is cast once to the weight's dtype. This is what makes the
   low-precision error match plain PyTorch's single GEMM; it costs V*H*4 bytes more than accumulating in bf16
   (1 GiB more at LLaMA-3-8B than Liger's default bf16 accumulator, whose per-chunk rounding is the price).
   There is never a per-chunk (V, H) temporary (Liger's ``grad_weight += (...).float()``).
@@ -242,25 +252,58 @@ def _ce_step_torch(logits, target, row_scale, loss_out, compute_grad, label_smoo
     return z
 
 
+def _has_kernel(op: str, device: torch.device) -> bool:
+    """Whether this torch build has ``op`` (e.g. ``aten::addmm.dtype_out``) for ``device``'s backend.
+
+    ``out_dtype=`` GEMMs exist from torch 2.8 (CUDA only in 2.8-2.13); the declared floor is older, so they are
+    used only where present."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, device.type.upper())
+    except RuntimeError:  # the overload itself does not exist in this torch
+        return False
+
+
 def _addmm_fp32_(acc, a, b):
-    """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32, without an (M, N) temporary."""
+    """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32, without an (M, N) temporary.
+
+    Low-precision ``a``, ``b`` stay low-precision operands (tensor cores): one ``addmm(out_dtype=float32)``
+    where the build has it, else blocks of ``_SCALE_BLOCK_ELEMS`` output elements, each a low-precision GEMM
+    (fp32 accumulation inside) added to the fp32 accumulator (one rounding of each chunk's partial product)."""
     if a.dtype == b.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda and a.dtype == b.dtype:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16/fp16 tensor cores, fp32 out
-    else:  # CPU has no addmm(out_dtype=...), or fp32 dlogits of the torch step: upcast the chunk operands
+    elif a.dtype != b.dtype:  # mixed operands: no low-precision GEMM takes them
         acc.addmm_(a.float(), b.float())
+    elif _has_kernel("aten::addmm.dtype_out", acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16/fp16 tensor cores, fp32 out
+    else:
+        rows = max(1, _SCALE_BLOCK_ELEMS // max(1, acc.shape[1]))
+        for r in range(0, acc.shape[0], rows):
+            acc[r : r + rows].add_(torch.mm(a[r : r + rows], b))
 
 
-def _chunked_pass(hidden, weight, target, bias, row_scale, need, label_smoothing, softcap, backend):
+def _mm_into(out, a, b):
+    """``out = a @ b`` for low-precision ``a``, ``b`` and ``out`` in their dtype or fp32 (an fp32 input's grad)."""
+    if out.dtype == a.dtype == b.dtype:
+        torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32 and a.dtype == b.dtype and _has_kernel("aten::mm.dtype_out", out.device):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def _chunked_pass(hidden, weight, target, bias, row_scale, need, label_smoothing, softcap, backend,
+                  compute_dtype=""):
     """One sweep over token chunks of already-compacted rows (no ignored target left).
 
     hidden (n, H), target (n,), row_scale (n,) fp32 (may be an expanded scalar); ``need`` = (grad_hidden,
-    grad_weight, grad_bias) flags. Returns loss (n,) fp32, grad_hidden (n, H) in hidden's dtype or None, and
-    fp32 accumulators grad_weight (V, H) and grad_bias (V,) or None.
+    grad_weight, grad_bias) flags; ``compute_dtype``: the GEMM operand dtype's name ("": the inputs' own, which
+    then share one). Returns loss (n,) fp32, grad_hidden (n, H) in hidden's dtype or None, and fp32 accumulators
+    grad_weight (V, H) and grad_bias (V,) or None.
     """
     n, H = hidden.shape
     V = weight.shape[0]
+    cd = getattr(torch, compute_dtype) if compute_dtype else weight.dtype
+    w = weight if weight.dtype == cd else weight.to(cd)  # (V, H) GEMM operand, cast once per call
     need_h, need_w, need_b = need
     compute_grad = need_h or need_w or need_b
     if backend == "triton":
@@ -276,26 +319,31 @@ def _chunked_pass(hidden, weight, target, bias, row_scale, need, label_smoothing
     grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
     for a in range(0, n, rows):
         b = min(a + rows, n)
-        h_c = hidden[a:b]
-        logits = h_c @ weight.t()  # (C, V) in the input dtype, fp32 accumulation inside the GEMM
+        h_c = hidden[a:b].to(cd)
+        logits = h_c @ w.t()  # (C, V) in the compute dtype, fp32 accumulation inside the GEMM
         if bias is not None:
             logits += bias
         dlogits = step(logits, target[a:b], row_scale[a:b], loss[a:b], compute_grad, label_smoothing, softcap)
         if not compute_grad:
             continue
-        if need_h:
-            torch.mm(dlogits.to(weight.dtype), weight, out=grad_h[a:b])
-        if need_w:
-            _addmm_fp32_(grad_w, dlogits.t(), h_c)
-        if need_b:
+        if need_b:  # from the step's own precision (fp32 for the torch step) before the GEMM cast
             grad_b += dlogits.sum(0, dtype=torch.float32)
-        del logits, dlogits
+        dl = dlogits.to(cd)  # the torch step works in fp32: the gradient GEMMs take compute-dtype operands
+        if need_h:
+            _mm_into(grad_h[a:b], dl, w)
+        if need_w:
+            _addmm_fp32_(grad_w, dl.t(), h_c)
+        del logits, dlogits, dl
     return loss, grad_h, grad_w, grad_b
 
 
-def _compact(hidden, target, ignore_index):
-    """Indices of non-ignored rows (one host sync) and those rows; ``rows is None`` when none is ignored."""
-    rows = (target != ignore_index).nonzero().squeeze(1)
+def _compact(hidden, target, ignore_index, rows=None):
+    """Indices of non-ignored rows and those rows; ``rows is None`` when none is ignored.
+
+    ``rows``: those indices when the caller knows them (the collator builds them on the host: no sync here);
+    else one ``nonzero``, i.e. one host sync."""
+    if rows is None:
+        rows = (target != ignore_index).nonzero().squeeze(1)
     if rows.numel() == target.numel():
         return None, hidden, target
     return rows, hidden.index_select(0, rows), target.index_select(0, rows)
@@ -330,9 +378,11 @@ def _forward_impl(
     softcap,
     backend,
     need,
+    compute_dtype="",
+    target_rows=None,
 ):
     N = hidden.shape[0]
-    rows, h, y = _compact(hidden, target, ignore_index)
+    rows, h, y = _compact(hidden, target, ignore_index, target_rows)
     k = h.shape[0]
     if reduction == "mean":
         denom = _normaliser(target, ignore_index, num_target_tokens)
@@ -342,7 +392,7 @@ def _forward_impl(
     # "none": the upstream gradient is per token, so gradients wait for backward (see the module docstring).
     grad_need = (False, False, False) if reduction == "none" else need
     loss_rows, grad_h, grad_w, grad_b = _chunked_pass(
-        h, weight, y, bias, row_scale, grad_need, label_smoothing, softcap, backend
+        h, weight, y, bias, row_scale, grad_need, label_smoothing, softcap, backend, compute_dtype
     )
     if reduction == "none":
         loss = _scatter_rows(loss_rows, rows, N)
@@ -376,22 +426,27 @@ def _flce_op(
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
+    compute_dtype: str = "",
+    target_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias); a gradient not computed here is a 0-element tensor."""
     need = (need_grad_hidden, need_grad_weight, need_grad_bias and bias is not None)
-    return _forward_impl(
-        hidden.contiguous(),
-        weight.contiguous(),
-        target.contiguous(),
-        bias,
-        num_target_tokens,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        softcap,
-        backend,
-        need,
-    )
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit (compute_dtype)
+        return _forward_impl(
+            hidden.contiguous(),
+            weight.contiguous(),
+            target.contiguous(),
+            bias,
+            num_target_tokens,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            softcap,
+            backend,
+            need,
+            compute_dtype,
+            target_rows,
+        )
 
 
 @_flce_op.register_fake
@@ -409,6 +464,8 @@ def _(
     need_grad_hidden,
     need_grad_weight,
     need_grad_bias,
+    compute_dtype="",
+    target_rows=None,
 ):
     loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32)
     eager = reduction != "none"
@@ -434,15 +491,19 @@ def _flce_bwd_none_op(
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
+    compute_dtype: str = "",
+    target_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``reduction="none"``: the chunked pass again, the per-token upstream grad as row scale."""
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     N = hidden.shape[0]
-    rows, h, y = _compact(hidden, target, ignore_index)
+    rows, h, y = _compact(hidden, target, ignore_index, target_rows)
     g = grad_loss.to(torch.float32)
     g = g.contiguous() if rows is None else g.index_select(0, rows)
     need = (need_grad_hidden, need_grad_weight, need_grad_bias and bias is not None)
-    _, grad_h, grad_w, grad_b = _chunked_pass(h, weight, y, bias, g, need, label_smoothing, softcap, backend)
+    with torch.autocast(hidden.device.type, enabled=False):
+        _, grad_h, grad_w, grad_b = _chunked_pass(h, weight, y, bias, g, need, label_smoothing, softcap, backend,
+                                                  compute_dtype)
     grad_h = _scatter_rows(grad_h, rows, N) if grad_h is not None else hidden.new_empty(0)
     grad_w = grad_w.to(weight.dtype) if grad_w is not None else weight.new_empty(0)
     grad_b = grad_b.to(bias.dtype) if grad_b is not None else hidden.new_empty(0)
@@ -463,6 +524,8 @@ def _(
     need_grad_hidden,
     need_grad_weight,
     need_grad_bias,
+    compute_dtype="",
+    target_rows=None,
 ):
     grad_h = hidden.new_empty(hidden.shape if need_grad_hidden else (0,))
     grad_w = weight.new_empty(weight.shape if need_grad_weight else (0,))
@@ -508,24 +571,26 @@ def _setup_context(ctx, inputs, output):
         need_h,
         need_w,
         need_b,
+        compute_dtype,
+        target_rows,
     ) = inputs
     # the gradient outputs are never differentiated; without this autograd would materialise a zero (V, H)
     # "gradient of grad_weight" for backward (measured: one extra V*H*4 bytes at peak)
     ctx.set_materialize_grads(False)
     ctx.reduction = reduction
-    ctx.options = (ignore_index, label_smoothing, softcap, backend, need_h, need_w, need_b)
+    ctx.options = (ignore_index, label_smoothing, softcap, backend, need_h, need_w, need_b, compute_dtype)
     if reduction == "none":
-        ctx.save_for_backward(hidden, weight, target, bias)
+        ctx.save_for_backward(hidden, weight, target, bias, target_rows)
     else:
         ctx.save_for_backward(*output[1:])
 
 
 def _backward(ctx, grad_loss, *_unused_grads_of_grads):
-    ignore_index, label_smoothing, softcap, backend, need_h, need_w, need_b = ctx.options
+    ignore_index, label_smoothing, softcap, backend, need_h, need_w, need_b, compute_dtype = ctx.options
     if grad_loss is None:  # the loss itself was not differentiated (grads are not materialised, see above)
-        return (None,) * 13
+        return (None,) * 15
     if ctx.reduction == "none":
-        hidden, weight, target, bias = ctx.saved_tensors
+        hidden, weight, target, bias, target_rows = ctx.saved_tensors
         grad_h, grad_w, grad_b = _flce_bwd_none_op(
             grad_loss,
             hidden,
@@ -539,6 +604,8 @@ def _backward(ctx, grad_loss, *_unused_grads_of_grads):
             need_h,
             need_w,
             need_b,
+            compute_dtype,
+            target_rows,
         )
     else:
         # the saved gradients are scaled in place, so a second backward through the same graph would scale
@@ -557,15 +624,7 @@ def _backward(ctx, grad_loss, *_unused_grads_of_grads):
         grad_w if need_w else None,
         None,
         grad_b if need_b else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        *(None,) * 11,
     )
 
 
@@ -576,7 +635,24 @@ _flce_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_target_tokens):
+def _compute_dtype(hidden, weight, bias):
+    """The GEMM operand dtype's name under autocast, as a built-in GEMM would pick it; "" outside autocast.
+
+    Autocast lowers precision only (an fp16/bf16 input under an autocast of the other stays as it is, like
+    ``F.linear`` would not); ``torch.get_autocast_dtype`` and ``torch.is_autocast_enabled(device)`` are torch
+    >= 2.4."""
+    dev = hidden.device.type
+    if not torch.is_autocast_enabled(dev):
+        return ""
+    dt = torch.get_autocast_dtype(dev)
+    ins = [t.dtype for t in (hidden, weight, bias) if t is not None]
+    if all(x == torch.float32 or x == dt for x in ins) and any(x != dt for x in ins):
+        return str(dt).removeprefix("torch.")
+    return ""
+
+
+def _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_target_tokens,
+           compute_dtype="", target_rows=None):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -587,8 +663,17 @@ def _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, nu
         raise ValueError(
             f"target must be int64 of shape ({hidden.shape[0]},), got {target.dtype} {tuple(target.shape)}"
         )
-    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError("hidden, weight and bias must share one dtype")
+    if not compute_dtype and (hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)):
+        raise ValueError(
+            f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share one dtype (or be fp32 and "
+            "the autocast dtype under torch.autocast)"
+        )
+    if target_rows is not None and (target_rows.dim() != 1 or target_rows.dtype != torch.int64
+                                    or target_rows.device != target.device):
+        raise ValueError(
+            f"target_rows must be (k,) int64 on {target.device}, got {target_rows.dtype} "
+            f"{tuple(target_rows.shape)} on {target_rows.device}"
+        )
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -613,6 +698,7 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     num_target_tokens: float | torch.Tensor | None = None,
     backend: str = "auto",
+    target_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(softcap(hidden @ weight.T + bias), target)`` without materialising the (N, V) logits.
 
@@ -620,9 +706,15 @@ def fused_linear_cross_entropy(
     ``reduction="mean"`` divides by the number of non-ignored targets, or by ``num_target_tokens`` (a number
     or 0-dim tensor, e.g. the count over the whole global batch) when given; every target ignored gives 0.
     ``"none"`` returns (N,) per-token losses, 0 at ignored positions. The loss is fp32; gradients reach
-    hidden, weight and bias in their dtype, accumulated in fp32.
+    hidden, weight and bias in their dtype, accumulated in fp32. Under ``torch.autocast`` the three GEMMs take
+    operands in the autocast dtype (fp32 inputs stay fp32, and so do their gradients).
+    ``target_rows``: (k,) int64 indices of the non-ignored targets, in order, when the caller knows them
+    (:class:`barnfast.data.batch.PackedBatch` builds them on the host): the op then makes no host sync. They
+    are trusted, not checked (a check would be the sync they avoid).
     """
-    _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_target_tokens)
+    compute_dtype = _compute_dtype(hidden, weight, bias)  # a name: the op's schema takes it as a string
+    _check(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_target_tokens, compute_dtype,
+           target_rows)
     backend = resolve_backend(backend, hidden, weight, target, bias)
     if num_target_tokens is not None and not isinstance(num_target_tokens, torch.Tensor):
         num_target_tokens = torch.tensor(float(num_target_tokens), device=hidden.device)
@@ -641,6 +733,8 @@ def fused_linear_cross_entropy(
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
+        compute_dtype,
+        target_rows,
     )
     return loss
 

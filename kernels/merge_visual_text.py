@@ -288,12 +288,17 @@ def merge_visual_text_ref(
 ) -> torch.Tensor:
     """PyTorch reference: (T, H) embeddings with the k-th placeholder's row replaced by ``visual[k]``.
 
-    ``masked_scatter`` fills the masked rows in order, which is the "k-th placeholder" rule; the
-    placeholder's table row is looked up (as row 0) and then dropped, so it gets no gradient.
+    The k-th placeholder's rank k is a cumulative count, and its row is gathered from ``visual``; the
+    placeholder's table row is looked up (as row 0) and then dropped, so it gets no gradient. A gather,
+    not ``masked_scatter``: the latter's backward is a ``masked_select``, whose output size the host must
+    read (a device sync per micro-step on a GPU).
     """
-    is_img = (input_ids == image_token_id)[:, None]
-    text = torch.nn.functional.embedding(torch.where(is_img[:, 0], 0, input_ids), embed_weight)
-    return text.masked_scatter(is_img, visual.to(embed_weight.dtype))
+    is_img = input_ids == image_token_id
+    text = torch.nn.functional.embedding(torch.where(is_img, 0, input_ids), embed_weight)
+    # one zero row after the M visual rows: what non-placeholder positions gather (then drop), so M = 0 works
+    src = torch.cat([visual.to(embed_weight.dtype), text.new_zeros(1, text.shape[1])])  # (M + 1, H)
+    rank = torch.where(is_img, torch.cumsum(is_img, 0) - 1, visual.shape[0])  # (T,) k at the k-th placeholder
+    return torch.where(is_img[:, None], src.index_select(0, rank), text)
 
 
 def merge_visual_text(

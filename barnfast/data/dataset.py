@@ -60,6 +60,7 @@ class StageDataset:
                  pad_id: int = 0):
         self.image_spec = image_spec  # the tower's preprocessing (size, mean/std, pad or resize)
         self.num_image_tokens = int(num_image_tokens)  # <image> expands to the projector's output count
+        self.image_token_id = int(image_token_id)  # collate counts the placeholders on the host
         self.cache = None  # a VisionFeatureCache once use_vision_cache() is called
         self.image_keys: dict[Path, str] = {}
         self.pad_id = pad_id
@@ -147,8 +148,9 @@ class StageDataset:
                 feats = None
             if feats is not None:
                 return collate_packed([self.items[i].input_ids for i in idx], [self.items[i].labels for i in idx],
-                                      [None] * len(idx), [self.items[i].id for i in idx], features=feats)
-        return collate_packed(*self._gather(indices))
+                                      [None] * len(idx), [self.items[i].id for i in idx], features=feats,
+                                      image_token_id=self.image_token_id)
+        return collate_packed(*self._gather(indices), image_token_id=self.image_token_id)
 
     def padded(self, indices) -> PaddedBatch:
         return collate_padded(*self._gather(indices), pad_id=self.pad_id)

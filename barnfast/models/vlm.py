@@ -104,12 +104,16 @@ class LlavaVLM(nn.Module):
         """Final-norm hidden states (T, H) of a packed micro-batch."""
         lm = self.language_model
         visual = self.visual_tokens(batch.pixel_values, getattr(batch, "visual_features", None))
+        # The collator counted the placeholders on the host: the merge checks them against the projector's
+        # rows without an .item() (None: it counts them itself, one sync).
         embeds = merge_visual_text(batch.input_ids, lm.embed_tokens.weight, visual.to(lm.embed_tokens.weight.dtype),
-                                   self.image_token_id, backend=self.kernel_backend)
+                                   self.image_token_id, backend=self.kernel_backend,
+                                   num_image_tokens=getattr(batch, "num_image_tokens", None))
         x = embeds.unsqueeze(0)  # (1, T, H): one packed row
         pos = batch.position_ids.unsqueeze(0)
         rope = lm.rotary_emb(x, pos)
-        kwargs = attention.packing_kwargs(batch.cu_seqlens, batch.max_seqlen, x.shape[1])
+        kwargs = attention.packing_kwargs(batch.cu_seqlens, batch.max_seqlen, x.shape[1],
+                                          getattr(batch, "cu_seqlens_host", None) or None)
         for layer in lm.layers:
             x = layer(x, attention_mask=None, position_ids=pos, position_embeddings=rope, **kwargs)
         return lm.norm(x)[0]
@@ -123,8 +127,10 @@ class LlavaVLM(nn.Module):
         if isinstance(batch, PaddedBatch):
             return self.forward_padded(batch, num_target_tokens)
         hidden = self.hidden_states(batch)
+        # target_rows: the rows with a loss term, found on the host by the collator (no nonzero() sync)
         loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, batch.targets, reduction="mean",
-                                          num_target_tokens=num_target_tokens, backend=self.kernel_backend)
+                                          num_target_tokens=num_target_tokens, backend=self.kernel_backend,
+                                          target_rows=getattr(batch, "target_rows", None))
         if batch.num_images == 0 and self.projector.linear_1.weight.requires_grad:
             # A micro-batch with no image still gives the projector a (zero) gradient, so every
             # rank reduces the same parameters.

@@ -393,7 +393,8 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         step_loss = distributed.all_reduce_sum(loss_sum, d) / d.world_size
-        finite = bool(torch.isfinite(step_loss).item() and torch.isfinite(grad_norm).item())
+        # The one sync the step needs before the update (a non-finite loss or norm propagates through the sum).
+        finite = bool(torch.isfinite(step_loss + grad_norm))
         if finite:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -406,7 +407,10 @@ class Trainer:
             torch.tensor(float(sum(len(b.sample_ids) for b in batches)), **f64),
             torch.tensor(float(sum(b.num_images for b in batches)), **f64),
         ])
-        real, len_sq, computed, n_samples, n_images = distributed.all_reduce_sum(stats, d).tolist()
+        # Everything logged comes to the host in one copy (one sync), not one .item() each.
+        host = torch.cat([distributed.all_reduce_sum(stats, d),
+                          torch.stack([step_loss, grad_norm, global_targets]).to(torch.float64)]).tolist()
+        real, len_sq, computed, n_samples, n_images, loss_value, grad_norm_value, target_tokens = host
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -415,10 +419,10 @@ class Trainer:
         flops = self.flops.step(real, len_sq, n_images, stage.train_llm, vision_computed=not cached)
         peak = flops_lib.peak_flops(self.device)
         return {
-            "step": step, "stage": stage.name, "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+            "step": step, "stage": stage.name, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
             "skipped": not finite, "tokens": int(real), "tokens_per_s": real / dt,
             "samples_per_s": n_samples / dt, "padding_efficiency": real / computed, "micro_batches": len(batches),
-            "samples_seen": self.samples_seen, "step_time_s": dt, "target_tokens": int(global_targets.item()),
+            "samples_seen": self.samples_seen, "step_time_s": dt, "target_tokens": int(target_tokens),
             "tflops_per_device": flops / dt / d.world_size / 1e12,
             "mfu": None if peak is None else flops / dt / d.world_size / peak,
         }
