@@ -47,29 +47,67 @@ _INV_SQRT_2PI = 0.3989422804014327
 def _matmul_configs() -> list[triton.Config]:
     """Autotune space: the fp16/bf16 tiles that reach ~80% of peak on A100 (164 KB smem) and H100 (228 KB).
 
-    128x256x64 with 3 stages needs (128*64 + 64*256) * 2 B * 3 = 144 KB of shared memory, which both
-    hold; 4-stage 128x128 tiles hide H100's longer HBM3 latency. fp32 inputs fit the 64-wide
-    tiles only, the autotuner skips the rest (OutOfResources). Under TRITON_INTERPRET=1 there is
-    one small config: the interpreter is ~1e5x slower than a GPU, and 32-wide tiles still exercise
-    every mask on the test shapes (M=39, hidden=123).
+    ``_prune_configs`` then keeps, per launch, the tiles that fit it (see there). Shared memory per
+    config as compiled (bench/results/kernel_compile_sm80_sm90.md): Triton keeps num_stages - 1 tiles
+    of A and B in flight, so 128x256x64 at 3 stages holds 2 * (128*64 + 64*256) * 2 B = 96 KB in bf16.
+    Dropped after the ahead-of-time compile of every launch (issue 14): 128x128 at 4 warps (128 fp32
+    accumulators per thread, spilled 312 B with the GELU epilogue on sm_80) and 128x128x32 (same
+    accumulator, half the K depth); 256x128 (the transpose of 128x256: at M >= 4096 rows both tile
+    the same work, and it spilled 436 B with the epilogue); 64x64 at 2 warps (a quarter of the work
+    per program of 64x128 at N, K >= 1024). Fewer configs also mean fewer autotune runs per key. Under TRITON_INTERPRET=1 there is one small config: the interpreter is ~1e5x slower
+    than a GPU, and 32-wide tiles still exercise every mask on the test shapes (M=39, hidden=123).
     """
     if triton_interpreted():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     cfg = [
         # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
         (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
         (128, 128, 64, 4, 8),
-        (128, 128, 64, 3, 4),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-        (64, 64, 32, 5, 2),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
         for m, n, k, s, w in cfg
     ]
+
+
+# A fused GELU epilogue (fc1, dh) or prologue (dw2) needs registers beside the accumulator: erf or
+# exp temporaries for a whole tile. At 128 fp32 accumulators per thread (128x256 or 256x128 on 8
+# warps) ptxas spilled 312-436 B per thread on sm_80 and up to ~1 KB on sm_90 at the 255-register
+# cap; at 64 per thread (128x128/8 warps, 128x64 and 64x128/4 warps) nothing spills.
+_MAX_ACC_PER_THREAD_FUSED = 64
+# fp32 operands take 4 B per element: only configs whose (num_stages - 1) A and B tiles fit in
+# sm_80's 163 KB per block are tried (the others fail to launch with OutOfResources on an A100
+# and cost an autotune attempt each).
+_SMEM_BUDGET = 163 * 1024
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs worth benchmarking for this launch: by fused epilogue and by operand dtype."""
+    fused = kwargs.get("EPILOGUE", _EPI_NONE) != _EPI_NONE or kwargs.get("B_GELU", False)
+    elem = named_args["a_ptr"].element_size()
+    kept = []
+    for c in configs:
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if fused and m * n // (32 * c.num_warps) > _MAX_ACC_PER_THREAD_FUSED:
+            continue
+        if (c.num_stages - 1) * (m * k + k * n) * elem > _SMEM_BUDGET:
+            continue
+        kept.append(c)
+    return kept or configs[-1:]
+
+
+def autotune_bucket(n: int) -> int:
+    """The autotune key of a matrix dimension: the next power of two (at least 16).
+
+    M = images x 576 changes with nearly every packed micro-batch (and K = M in the weight-gradient
+    GEMMs), and a raw key re-benchmarks every config of every launch at each new image count, on
+    every rank. The best tile is the same across a power-of-two range at these sizes (thousands of
+    rows: every config fills the GPU), so a LLaVA-665k epoch at 8k-16k-token micro-batches needs a
+    handful of keys per launch (tests/test_autotune_keys.py counts them).
+    """
+    return max(16, triton.next_power_of_2(int(n)))
 
 
 @triton.jit
@@ -110,7 +148,13 @@ def _round_bf16_rne(x):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
+# The key: bucketed sizes, and what selects a different config set or cost (the fused epilogues); the
+# autotuner adds the tensors' dtypes itself.
+@triton.autotune(
+    configs=_matmul_configs(),
+    key=["M_KEY", "N_KEY", "K_KEY", "EPILOGUE", "B_GELU", "ROWSUM_A", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _projector_mlp_matmul_kernel(
     a_ptr,
@@ -131,6 +175,9 @@ def _projector_mlp_matmul_kernel(
     stride_cn,
     stride_xm,
     stride_xn,
+    M_KEY,  # autotune_bucket(M), N, K: only read by the autotuner's key
+    N_KEY,
+    K_KEY,
     HAS_BIAS: tl.constexpr,  # c += bias[n]
     EPILOGUE: tl.constexpr,  # 0: none, 1: store pre to pre_ptr then GELU, 2: c *= gelu'(aux[m, n])
     B_GELU: tl.constexpr,  # GELU applied to each loaded B tile (dw2 = dy.T @ gelu(h))
@@ -259,11 +306,15 @@ def _matmul(
         c.stride(1),
         aux_t.stride(0),
         aux_t.stride(1),
+        autotune_bucket(M),
+        autotune_bucket(N),
+        autotune_bucket(K),
         HAS_BIAS=bias is not None,
         EPILOGUE=epilogue,
         B_GELU=b_gelu,
         ROWSUM_A=rowsum,
-        APPROX_TANH=approx_tanh,
+        # only where a GELU is computed: fc2, dx and dw1 keep one compiled variant for both forms
+        APPROX_TANH=approx_tanh and (epilogue != _EPI_NONE or b_gelu),
         INTERPRET_BF16=triton_interpreted() and out_dtype == torch.bfloat16,
         DOT_PRECISION=precision,
     )
