@@ -323,13 +323,19 @@ def compile_one(job: Job) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def source_hash() -> str:
-    """Hash of what decides the compiled code: the kernel sources, this file, Triton's version."""
+# bump when a row's fields change, so cached rows of the old form are not read back
+ROW_FORMAT = 1
+
+
+def source_hash(kernel: str) -> str:
+    """Hash of what decides one kernel's compiled code: its module's source, the dispatch module, Triton's
+    version (the job key adds the specialisation and launch options)."""
     import triton
 
-    h = hashlib.sha256(triton.__version__.encode())
-    for f in sorted((ROOT / "kernels").glob("*.py")) + [Path(__file__)]:
-        h.update(f.read_bytes())
+    module = KERNELS[kernel][0].rsplit(".", 1)[1]
+    h = hashlib.sha256(f"{triton.__version__} {ROW_FORMAT}".encode())
+    for name in (f"{module}.py", "_backend.py"):
+        h.update((ROOT / "kernels" / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -338,23 +344,25 @@ def default_cache_dir() -> Path:
 
 
 def run_jobs(jobs: list[Job], cache_dir: Path, workers: int = 2, log=print) -> list[dict]:
-    folder = cache_dir / source_hash()
-    folder.mkdir(parents=True, exist_ok=True)
+    """Rows of every job, from ``cache_dir/<kernel>-<source hash>/<job key>.json`` or compiled in a pool."""
+    folders = {k: cache_dir / f"{k}-{source_hash(k)}" for k in {j.kernel for j in jobs}}
     rows, todo = {}, []
     for job in jobs:
-        f = folder / f"{job.key()}.json"
+        f = folders[job.kernel] / f"{job.key()}.json"
         if f.exists():
             rows[job.key()] = json.loads(f.read_text())
         else:
             todo.append(job)
-    log(f"compile_report: {len(jobs)} compiles, {len(jobs) - len(todo)} cached in {folder}, {len(todo)} to do")
+    log(f"compile_report: {len(jobs)} compiles, {len(jobs) - len(todo)} cached under {cache_dir}, "
+        f"{len(todo)} to do with {workers} processes")
     if todo:
         # spawn, not fork: each worker imports triton fresh, outside interpreter mode
         import multiprocessing as mp
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             for job, row in zip(todo, pool.map(compile_one, todo)):
-                (folder / f"{job.key()}.json").write_text(json.dumps(row))
+                folders[job.kernel].mkdir(parents=True, exist_ok=True)
+                (folders[job.kernel] / f"{job.key()}.json").write_text(json.dumps(row))
                 rows[job.key()] = row
     return [rows[j.key()] for j in jobs]
 
