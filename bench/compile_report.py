@@ -161,7 +161,8 @@ def _flce_launches():
                 for H in LLM_HIDDEN:
                     for tokens in MICRO_TOKENS:
                         # the chunk rows the pass picks for this micro-batch (as in _chunked_pass)
-                        rows = max(fl.TRITON_MIN_CHUNK_ROWS, triton.next_power_of_2(triton.cdiv(tokens, triton.cdiv(V, H))))
+                        per_chunk = triton.next_power_of_2(triton.cdiv(tokens, triton.cdiv(V, H)))
+                        rows = max(fl.TRITON_MIN_CHUNK_ROWS, per_chunk)
                         for grad in (True, False):
                             for smoothing in (0.0, 0.1):
                                 for softcap in (None, 30.0):
@@ -273,7 +274,6 @@ def compile_one(job: Job) -> dict:
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.autotuner import Autotuner
 
     module, attr = KERNELS[job.kernel]

@@ -54,8 +54,9 @@ def _matmul_configs() -> list[triton.Config]:
     accumulators per thread, spilled 312 B with the GELU epilogue on sm_80) and 128x128x32 (same
     accumulator, half the K depth); 256x128 (the transpose of 128x256: at M >= 4096 rows both tile
     the same work, and it spilled 436 B with the epilogue); 64x64 at 2 warps (a quarter of the work
-    per program of 64x128 at N, K >= 1024). Fewer configs also mean fewer autotune runs per key. Under TRITON_INTERPRET=1 there is one small config: the interpreter is ~1e5x slower
-    than a GPU, and 32-wide tiles still exercise every mask on the test shapes (M=39, hidden=123).
+    per program of 64x128 at N, K >= 1024). Fewer configs also mean fewer autotune runs per key.
+    Under TRITON_INTERPRET=1 there is one small config: the interpreter is ~1e5x slower than a GPU,
+    and 32-wide tiles still exercise every mask on the test shapes (M=39, hidden=123).
     """
     if triton_interpreted():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
