@@ -328,15 +328,17 @@ ROW_FORMAT = 1
 
 
 def source_hash(kernel: str) -> str:
-    """Hash of what decides one kernel's compiled code: its module's source, the dispatch module, Triton's
-    version (the job key adds the specialisation and launch options)."""
+    """Hash of what decides one kernel's code: Triton's own cache key of the jit function (its source and
+    the sources of the jit functions it calls) and Triton's version. The job key adds the specialisation,
+    constexprs and launch options, so a new config is a new job and a comment edit recompiles nothing."""
     import triton
+    from triton.runtime.autotuner import Autotuner
 
-    module = KERNELS[kernel][0].rsplit(".", 1)[1]
-    h = hashlib.sha256(f"{triton.__version__} {ROW_FORMAT}".encode())
-    for name in (f"{module}.py", "_backend.py"):
-        h.update((ROOT / "kernels" / name).read_bytes())
-    return h.hexdigest()[:16]
+    module, attr = KERNELS[kernel]
+    fn = getattr(importlib.import_module(module), attr)
+    fn = fn.fn if isinstance(fn, Autotuner) else fn
+    key = f"{triton.__version__} {ROW_FORMAT} {fn.cache_key}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
