@@ -25,7 +25,7 @@ from bench.harness import device_name, peak_memory_mb, time_fn
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-ROUNDS = 20 if CUDA else 3
+ROUNDS = 10 if CUDA else 3
 
 
 def liger_or_skip(module: str, name: str):
