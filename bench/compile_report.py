@@ -141,7 +141,7 @@ def _projector_launches():
                             _, h = pm._projector_mlp_fwd(x, w1, b, w2, b, approx, True)
                             dy = torch.empty(M, hidden, device="meta", dtype=dt)
                             pm._projector_mlp_bwd(dy, x, w1, h, w2, approx, [True] * 5, dt, dt)
-                            names = ["fc1", "fc2", "dw2", "dh", "dx", "dw1"]
+                            names = ["fc1", "fc2", "dh", "dw2", "dx", "dw1"]  # launch order of fwd, bwd
                             tag = f"{'tanh' if approx else 'erf'} {dtype[:4] if dtype != 'bfloat16' else 'bf16'}"
                             for name, call in zip(names, rec.calls[n0:]):
                                 out.append(("projector_mlp", f"{name} {tag}", dtype, call))

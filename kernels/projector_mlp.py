@@ -74,6 +74,9 @@ def _matmul_configs() -> list[triton.Config]:
         (128, 128, 64, 4, 8),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
+        # 32 accumulators per thread: only for the dh epilogue (see _ACC_PER_THREAD)
+        (128, 64, 64, 4, 8),
+        (64, 128, 64, 4, 8),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -81,11 +84,14 @@ def _matmul_configs() -> list[triton.Config]:
     ]
 
 
-# A fused GELU epilogue (fc1, dh) needs registers beside the accumulator: erf or exp temporaries for a
-# whole tile. At 128 fp32 accumulators per thread (128x256 or 256x128 on 8 warps) ptxas spilled
-# 312-436 B per thread on sm_80 and up to ~1 KB on sm_90 at the 255-register cap; at 64 per thread
-# (128x128/8 warps, 128x64 and 64x128/4 warps) nothing spills.
-_MAX_ACC_PER_THREAD_FUSED = 64
+# fp32 accumulators per thread (BLOCK_M * BLOCK_N / threads) a launch may use, by epilogue. The fused GELU
+# epilogues need registers beside the accumulator (erf/exp temporaries and 64-bit address tiles for a whole
+# tile). Measured with bench/compile_report.py (ptxas -v, 255-register cap): at 128 per thread (128x256 or
+# 256x128 on 8 warps) fc1 spilled 312-436 B on sm_80; at 64 per thread fc1 spills nothing, but dh (gelu' and
+# gelu of the loaded h, two tiles stored) spilled 24-48 B (sm_80 and sm_90) at 128x128/8 and 128x64/4 warps,
+# so dh gets the two 32-per-thread tiles. The plain GEMMs keep the large tiles and skip the 32-per-thread
+# ones (the same tiles with half the work per warp).
+_ACC_PER_THREAD = {_EPI_NONE: (64, 128), _EPI_GELU: (64, 64), _EPI_GELU_GRAD: (32, 32)}  # (min, max)
 # fp32 operands take 4 B per element: only configs whose (num_stages - 1) A and B tiles fit in
 # sm_80's 163 KB per block are tried (the others fail to launch with OutOfResources on an A100
 # and cost an autotune attempt each).
@@ -94,12 +100,12 @@ _SMEM_BUDGET = 163 * 1024
 
 def _prune_configs(configs, named_args, **kwargs):
     """The configs worth benchmarking for this launch: by fused epilogue and by operand dtype."""
-    fused = kwargs.get("EPILOGUE", _EPI_NONE) != _EPI_NONE
+    lo, hi = _ACC_PER_THREAD[kwargs.get("EPILOGUE", _EPI_NONE)]
     elem = named_args["a_ptr"].element_size()
     kept = []
     for c in configs:
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if fused and m * n // (32 * c.num_warps) > _MAX_ACC_PER_THREAD_FUSED:
+        if not lo <= m * n // (32 * c.num_warps) <= hi:
             continue
         if (c.num_stages - 1) * (m * k + k * n) * elem > _SMEM_BUDGET:
             continue

@@ -20,7 +20,7 @@ from bench.compile_report import record_launches
 pm = importlib.import_module("barnfast.kernels.projector_mlp")
 
 CLIP_L_TOKENS = 576
-LAUNCHES = ["fc1", "fc2", "dw2", "dh", "dx", "dw1"]
+LAUNCHES = ["fc1", "fc2", "dh", "dw2", "dx", "dw1"]  # launch order of _projector_mlp_fwd, _projector_mlp_bwd
 
 
 def _images_per_micro_batch(n: int, token_budget: int, world_size: int) -> np.ndarray:
@@ -85,13 +85,15 @@ def test_key_separates_launches_that_tune_differently_and_buckets_to_powers_of_t
 def test_prune_keeps_few_accumulators_per_thread_for_fused_launches_and_fp32_tiles_that_fit():
     configs = [
         pm.triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for m, n, s, w in [(128, 256, 3, 8), (128, 128, 4, 8), (128, 64, 4, 4)]
+        for m, n, s, w in [(128, 256, 3, 8), (128, 128, 4, 8), (128, 64, 4, 4), (128, 64, 4, 8)]
     ]
     bf16 = {"a_ptr": torch.empty(1, dtype=torch.bfloat16)}
     fp32 = {"a_ptr": torch.empty(1, dtype=torch.float32)}
-    label = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs]  # noqa: E731
-    assert label(pm._prune_configs(configs, bf16, EPILOGUE=0, B_GELU=False)) == [(128, 256), (128, 128), (128, 64)]
-    assert label(pm._prune_configs(configs, bf16, EPILOGUE=1, B_GELU=False)) == [(128, 128), (128, 64)]
-    assert label(pm._prune_configs(configs, bf16, EPILOGUE=0, B_GELU=True)) == [(128, 128), (128, 64)]
+    label = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in cs]  # noqa: E731
+    # accumulators per thread: 128, 64, 64, 32
+    assert label(pm._prune_configs(configs, bf16, EPILOGUE=0)) == [(128, 256, 8), (128, 128, 8), (128, 64, 4)]
+    assert label(pm._prune_configs(configs, bf16, EPILOGUE=1)) == [(128, 128, 8), (128, 64, 4)]
+    assert label(pm._prune_configs(configs, bf16, EPILOGUE=2)) == [(128, 64, 8)]
     # fp32: 3 * (128*64 + 64*128) * 4 B = 192 KiB > 163 KiB; 3 * (128*64 + 64*64) * 4 B = 144 KiB fits
-    assert label(pm._prune_configs(configs, fp32, EPILOGUE=0, B_GELU=False)) == [(128, 64)]
+    assert label(pm._prune_configs(configs, fp32, EPILOGUE=0)) == [(128, 64, 4)]
+    assert label(pm._prune_configs(configs, fp32, EPILOGUE=2)) == [(128, 64, 8)]
