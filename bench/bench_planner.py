@@ -27,14 +27,23 @@ N_LLAVA_665K = 665_000
 CONFIGS = [(128, 8192, 8), (128, 16384, 8), (128, 8192, 1), (128, 4096, 32)]
 
 
-def llava665k_like_lengths(n: int = N_LLAVA_665K, seed: int = 0) -> np.ndarray:
-    """Text ~140 tokens (lognormal, 20-1800), +576 visual tokens on ~94% of samples, ~1% long tail to 4096."""
+def llava665k_like_samples(n: int = N_LLAVA_665K, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths (n,) int64, has_image (n,) bool): the length model below and which samples carry an image.
+
+    The long-tail samples keep their image flag (LLaVA's long conversations are multi-turn about one image).
+    """
     rng = np.random.default_rng(seed)
     lens = rng.lognormal(np.log(140), 0.5, n).clip(20, 1800).astype(np.int64)
-    lens += 576 * (rng.random(n) > 0.06)
+    has_image = rng.random(n) > 0.06
+    lens += 576 * has_image
     tail = rng.random(n) < 0.01
     lens[tail] = rng.integers(2048, 4097, tail.sum())
-    return lens
+    return lens, has_image
+
+
+def llava665k_like_lengths(n: int = N_LLAVA_665K, seed: int = 0) -> np.ndarray:
+    """Text ~140 tokens (lognormal, 20-1800), +576 visual tokens on ~94% of samples, ~1% long tail to 4096."""
+    return llava665k_like_samples(n, seed)[0]
 
 
 def plan_quality(plan: packing.EpochPlan) -> tuple[float, float, int]:

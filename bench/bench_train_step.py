@@ -18,8 +18,13 @@ Providers:
     (full (B, S, V) logits, upcast to fp32), ``num_items_in_batch`` = the step's target count;
     micro-batches of ``--micro-batch`` samples, right-padded, in data order (HF's default sampler,
     no length grouping).
-(c) llava recipe: :meth:`barnfast.models.vlm.LlavaVLM.forward_padded` on the same padded micro-batches
-    (per-sample merge loop, padded batch, full logits, ``F.cross_entropy``), Liger reverted on CUDA.
+(c) llava recipe: :meth:`barnfast.models.vlm.LlavaVLM.forward_padded` (per-sample merge loop, padded
+    batch, full logits, ``F.cross_entropy``), Liger reverted on CUDA, on micro-batches formed the way
+    LLaVA-1.5's ``group_by_modality_length`` sampler forms a megabatch's batches
+    (``bench.llava_sampler.megabatch_chunks``: the step's samples sorted by length, longest first, split
+    into ``global_batch / micro_batch`` chunks of near-equal total length; LLaVA's world size for the
+    split is ranks x accumulation steps). The step's samples stay those of (a) and (b), so the step-0
+    losses still compare; LLaVA's sampler would also keep each megabatch to one modality.
 Each provider runs in its own process, so the CPU peak-memory numbers (resident set) do not see
 another provider's allocator caches.
 
@@ -67,6 +72,7 @@ from barnfast.models import backbones, vision
 from barnfast.models.liger import revert_liger
 from barnfast.models.vlm import build_model
 from bench.harness import Table, device_name, peak_memory_mb, time_fn, write_results
+from bench.llava_sampler import megabatch_chunks
 
 PROVIDERS = {"a": "(a) barnfast packed", "b": "(b) hf padded", "c": "(c) llava recipe"}
 # Dense bf16 peak TFLOP/s (no sparsity), from the vendors' data sheets; matched on the device name.
@@ -212,6 +218,9 @@ def run_provider(args) -> dict:
         idx = plan.step_samples(step)
         if args.provider == "a":
             groups = plan.micro_batches(step, 0)
+        elif args.provider == "c":
+            signed = np.where([s[2] for s in samples], lengths, -lengths)
+            groups = megabatch_chunks(idx, signed, max(1, len(idx) // args.micro_batch))
         else:
             groups = [idx[i : i + args.micro_batch] for i in range(0, len(idx), args.micro_batch)]
         return groups, [lengths[g] for g in groups]
@@ -404,7 +413,8 @@ def main() -> None:
     if not gpu:
         table.notes += [
             "CPU: wall times on a 2-core machine shared with other jobs (noisy, +-30% between runs); "
-            "the ratios come from (b)/(c)'s padding (efficiency ~0.53 with random batches) and their "
+            "the ratios come from (b)'s padding (micro-batches in data order), (c)'s (LLaVA's "
+            "length-grouped micro-batches: less padding than (b), see 'padding efficiency') and their "
             "full (B, S, 128256) fp32 logits, which (a) never builds. Peak memory is the resident set.",
             "(a)'s padding efficiency is 1.0 by construction (packed, varlen attention computes no "
             "pad); 'budget fill' shows how full its micro-batches are.",

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One command on a machine with a CUDA GPU: the CUDA tests, then every benchmark at real shapes
-# (LLaMA-1/2/3 7-8B widths, CLIP-L/SigLIP projector shapes), one results file per benchmark under
-# bench/results/ named with the GPU and the date, and a summary table SUMMARY_<gpu>_<date>.md.
+# One command on a machine with a CUDA GPU: the CUDA tests, the pytest-benchmark microbenchmarks (FLCE,
+# projector, merge, planner; barnfast / torch eager / torch.compile / Liger side by side, CUDA-event times,
+# at LLaMA-1/2/3 7-8B widths and CLIP-L/SigLIP projector shapes) and the end-to-end train step at real width,
+# one results file per step under bench/results/ named with the GPU and the date, and a summary table
+# SUMMARY_<gpu>_<date>.md.
 #
 #   bash bench/gpu.sh
 #
@@ -20,5 +22,8 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e .; then
   python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/barnfast-site .
   export PYTHONPATH="/tmp/barnfast-site:${PYTHONPATH:-}"
 fi
+# the microbenchmarks need pytest-benchmark (dev extra); without network it must come as a wheel in .whl/
+python3 -c "import pytest_benchmark" 2>/dev/null || echo "bench/gpu.sh: pytest-benchmark is not importable:" \
+  "the microbench step will fail (put the pytest_benchmark and py_cpuinfo wheels in .whl/)" >&2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 exec python3 -m bench.run_all "$@"

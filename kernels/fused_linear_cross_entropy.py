@@ -91,6 +91,14 @@ TRITON_MIN_CHUNK_ROWS = 256
 # known-good on A100/H100 for the same two-sweep row kernel. Not re-measured here (no GPU).
 TRITON_MAX_BLOCK_V = 32768
 TRITON_NUM_WARPS = 32
+# 32 warps = 1024 threads cap a thread at 64 registers (64K per SM), and a 32768-wide block is 32 fp32
+# values per thread: the plain bf16 variants fit (51-64 registers, no spill; kernel_compile_sm80_sm90.md in
+# bench/results), but fp32 logits (twice the bytes per value) and label smoothing (a third running sum)
+# spilled 32-180 B per thread on sm_80/sm_90. Halving the block at 32 warps still spilled 8 B (bf16 loss
+# with smoothing, sm_80); half the block on 16 warps (32 values per thread under a 128-register cap) uses
+# 53-115 registers and spills nothing on either architecture. Same bytes per row, twice the loop trips.
+TRITON_MAX_BLOCK_V_HEAVY = 16384
+TRITON_NUM_WARPS_HEAVY = 16
 
 # rows of a low-precision gradient scaled per block in fp32 by the upstream gradient in backward: a
 # 2**22-element (16 MiB) fp32 temporary instead of a full (V, H) one.
@@ -193,10 +201,18 @@ def _flce_ce_kernel(
 # --------------------------------------------------------
 
 
+def _ce_launch(dtype: torch.dtype, label_smoothing: float) -> tuple[int, int]:
+    """(largest vocabulary block, num_warps) of the CE kernel for this variant (see TRITON_MAX_BLOCK_V_HEAVY)."""
+    if dtype == torch.float32 or label_smoothing > 0.0:
+        return TRITON_MAX_BLOCK_V_HEAVY, TRITON_NUM_WARPS_HEAVY
+    return TRITON_MAX_BLOCK_V, TRITON_NUM_WARPS
+
+
 def _ce_step_triton(logits, target, row_scale, loss_out, compute_grad, label_smoothing, softcap):
     """Triton step: ``logits`` (C, V) -> d loss / d logits in place if ``compute_grad``; sets ``loss_out``."""
     C, V = logits.shape
     assert logits.stride(1) == 1 and target.is_contiguous() and loss_out.is_contiguous()
+    max_block_v, num_warps = _ce_launch(logits.dtype, label_smoothing)
     _flce_ce_kernel[(C,)](
         logits,
         logits.stride(0),
@@ -211,8 +227,8 @@ def _ce_step_triton(logits, target, row_scale, loss_out, compute_grad, label_smo
         HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         BF16_OUT=logits.dtype == torch.bfloat16,
-        BLOCK_V=min(triton.next_power_of_2(V), TRITON_MAX_BLOCK_V),
-        num_warps=TRITON_NUM_WARPS,
+        BLOCK_V=min(triton.next_power_of_2(V), max_block_v),
+        num_warps=num_warps,
     )
     return logits
 

@@ -9,10 +9,17 @@ One matmul kernel serves all six products, with constexpr switches for what it f
 forward   h = x @ w1.T           epilogue: + b1, store h (pre-activation, kept for backward),
                                  GELU, store a            -> a never round-trips through HBM for GELU
           y = a @ w2.T           epilogue: + b2
-backward  dh = dy @ w2           epilogue: * gelu'(h)      -> the GELU derivative is fused
-          dw2 = dy.T @ gelu(h)   prologue: GELU on the loaded h tile; db2 = row sums of dy.T
+backward  dh = dy @ w2           epilogue: * gelu'(h), and a = gelu(h) stored -> the GELU derivative is fused
+          dw2 = dy.T @ a         db2 = row sums of dy.T, in the same pass
           dx = dh @ w1
           dw1 = dh.T @ x         db1 = row sums of dh.T, in the same pass
+
+Why a is not recomputed in the dw2 prologue (as before issue 14): the h tile is loaded by every one of
+the out / BLOCK_M row blocks of dw2, so each GELU was evaluated 32 times (out = 4096, BLOCK_M = 128),
+and the erf temporaries beside the accumulator and the pipelined tiles spilled on sm_80 (84 B per
+thread at 128x64/4 warps, bench/results/kernel_compile_sm80_sm90.md). Storing a in dh's epilogue costs
+one (M, hidden) write (75.5 MB at M = 9216, hidden = 4096, ~40 us of HBM3), and dw2 becomes a plain GEMM
+that may use the large tiles.
 
 Bytes saved against eager PyTorch at CLIP-L x 16 images, bf16 (M=9216, hidden=4096):
 eager writes and re-reads h for the bias add and for GELU, and dh for the GELU backward: about
@@ -21,9 +28,9 @@ eager writes and re-reads h for the bias add and for GELU, and dh for the GELU b
 Keep or recompute the pre-activation (decision: keep h, recompute a = gelu(h)):
 - recomputing h = x @ w1.T + b1 in backward costs 2*M*in*hidden = 77.3 GFLOP, +6.7% of the
   1160 GFLOP of forward+backward (M=9216, 1024 -> 4096 -> 4096), to save 75.5 MB (bf16);
-- keeping h costs those 75.5 MB, and a = gelu(h) is then recomputed for free inside the dw2 load
-  (elementwise work in a compute-bound matmul's prologue), so we hold half of what eager holds
-  (eager keeps h for GELU's backward and a for linear_2's weight gradient: 151 MB);
+- keeping h costs those 75.5 MB, and a = gelu(h) is then recomputed in the dh epilogue, which loads h
+  for gelu'(h) anyway (erf(h / sqrt 2) serves both), so we hold half of what eager holds (eager keeps h
+  for GELU's backward and a for linear_2's weight gradient: 151 MB) and a lives only from dh to dw2;
 - 75.5 MB is noise beside the LLM's activations; 6.7% more matmul work is not. So we keep h.
 """
 
@@ -36,7 +43,8 @@ import triton.language as tl
 
 from ._backend import resolve_backend, triton_interpreted
 
-# Epilogue modes of the shared matmul kernel.
+# Epilogue modes of the shared matmul kernel: none; store the pre-activation then GELU (fc1); multiply by
+# gelu'(aux) and store gelu(aux) (dh, which hands a = gelu(h) to dw2).
 _EPI_NONE, _EPI_GELU, _EPI_GELU_GRAD = 0, 1, 2
 
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -47,29 +55,74 @@ _INV_SQRT_2PI = 0.3989422804014327
 def _matmul_configs() -> list[triton.Config]:
     """Autotune space: the fp16/bf16 tiles that reach ~80% of peak on A100 (164 KB smem) and H100 (228 KB).
 
-    128x256x64 with 3 stages needs (128*64 + 64*256) * 2 B * 3 = 144 KB of shared memory, which both
-    hold; 4-stage 128x128 tiles hide H100's longer HBM3 latency. fp32 inputs fit the 64-wide
-    tiles only, the autotuner skips the rest (OutOfResources). Under TRITON_INTERPRET=1 there is
-    one small config: the interpreter is ~1e5x slower than a GPU, and 32-wide tiles still exercise
-    every mask on the test shapes (M=39, hidden=123).
+    ``_prune_configs`` then keeps, per launch, the tiles that fit it (see there). Shared memory per
+    config as compiled (bench/results/kernel_compile_sm80_sm90.md): Triton keeps num_stages - 1 tiles
+    of A and B in flight, so 128x256x64 at 3 stages holds 2 * (128*64 + 64*256) * 2 B = 96 KB in bf16.
+    Dropped after the ahead-of-time compile of every launch (issue 14): 128x128 at 4 warps (128 fp32
+    accumulators per thread, spilled 312 B with the GELU epilogue on sm_80) and 128x128x32 (same
+    accumulator, half the K depth); 256x128 (the transpose of 128x256: at M >= 4096 rows both tile
+    the same work, and it spilled 436 B with the epilogue); 64x64 at 2 warps (a quarter of the work
+    per program of 64x128 at N, K >= 1024). Fewer configs also mean fewer autotune runs per key.
+    Under TRITON_INTERPRET=1 there is one small config: the interpreter is ~1e5x slower than a GPU,
+    and 32-wide tiles still exercise every mask on the test shapes (M=39, hidden=123).
     """
     if triton_interpreted():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     cfg = [
         # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
         (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
         (128, 128, 64, 4, 8),
-        (128, 128, 64, 3, 4),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-        (64, 64, 32, 5, 2),
+        # 32 accumulators per thread: only for the dh epilogue (see _ACC_PER_THREAD)
+        (128, 64, 64, 4, 8),
+        (64, 128, 64, 4, 8),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
         for m, n, k, s, w in cfg
     ]
+
+
+# fp32 accumulators per thread (BLOCK_M * BLOCK_N / threads) a launch may use, by epilogue. The fused GELU
+# epilogues need registers beside the accumulator (erf/exp temporaries and 64-bit address tiles for a whole
+# tile). Measured with bench/compile_report.py (ptxas -v, 255-register cap): at 128 per thread (128x256 or
+# 256x128 on 8 warps) fc1 spilled 312-436 B on sm_80; at 64 per thread fc1 spills nothing, but dh (gelu' and
+# gelu of the loaded h, two tiles stored) spilled 24-48 B (sm_80 and sm_90) at 128x128/8 and 128x64/4 warps,
+# so dh gets the two 32-per-thread tiles. The plain GEMMs keep the large tiles and skip the 32-per-thread
+# ones (the same tiles with half the work per warp).
+_ACC_PER_THREAD = {_EPI_NONE: (64, 128), _EPI_GELU: (64, 64), _EPI_GELU_GRAD: (32, 32)}  # (min, max)
+# fp32 operands take 4 B per element: only configs whose (num_stages - 1) A and B tiles fit in
+# sm_80's 163 KB per block are tried (the others fail to launch with OutOfResources on an A100
+# and cost an autotune attempt each).
+_SMEM_BUDGET = 163 * 1024
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs worth benchmarking for this launch: by fused epilogue and by operand dtype."""
+    lo, hi = _ACC_PER_THREAD[kwargs.get("EPILOGUE", _EPI_NONE)]
+    elem = named_args["a_ptr"].element_size()
+    kept = []
+    for c in configs:
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if not lo <= m * n // (32 * c.num_warps) <= hi:
+            continue
+        if (c.num_stages - 1) * (m * k + k * n) * elem > _SMEM_BUDGET:
+            continue
+        kept.append(c)
+    return kept or configs[-1:]
+
+
+def autotune_bucket(n: int) -> int:
+    """The autotune key of a matrix dimension: the next power of two (at least 16).
+
+    M = images x 576 changes with nearly every packed micro-batch (and K = M in the weight-gradient
+    GEMMs), and a raw key re-benchmarks every config of every launch at each new image count, on
+    every rank. The best tile is the same across a power-of-two range at these sizes (thousands of
+    rows: every config fills the GPU), so a LLaVA-665k epoch at 8k-16k-token micro-batches needs a
+    handful of keys per launch (tests/test_autotune_keys.py counts them).
+    """
+    return max(16, triton.next_power_of_2(int(n)))
 
 
 @triton.jit
@@ -85,16 +138,18 @@ def _gelu(z, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def _gelu_grad(z, APPROX_TANH: tl.constexpr):
-    """d gelu(z) / dz for fp32 ``z``."""
+def _gelu_and_grad(z, APPROX_TANH: tl.constexpr):
+    """(gelu(z), d gelu(z) / dz) for fp32 ``z``, sharing the erf (or tanh) of both."""
     if APPROX_TANH:
         inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        act = 0.5 * z * (1.0 + t)
+        grad = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        out = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    return out
+        act = z * cdf
+        grad = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    return act, grad
 
 
 @triton.jit
@@ -110,7 +165,13 @@ def _round_bf16_rne(x):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
+# The key: bucketed sizes, and what selects a different config set or cost (the fused epilogues); the
+# autotuner adds the tensors' dtypes itself.
+@triton.autotune(
+    configs=_matmul_configs(),
+    key=["M_KEY", "N_KEY", "K_KEY", "EPILOGUE", "ROWSUM_A", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _projector_mlp_matmul_kernel(
     a_ptr,
@@ -131,9 +192,11 @@ def _projector_mlp_matmul_kernel(
     stride_cn,
     stride_xm,
     stride_xn,
+    M_KEY,  # autotune_bucket(M), N, K: only read by the autotuner's key
+    N_KEY,
+    K_KEY,
     HAS_BIAS: tl.constexpr,  # c += bias[n]
-    EPILOGUE: tl.constexpr,  # 0: none, 1: store pre to pre_ptr then GELU, 2: c *= gelu'(aux[m, n])
-    B_GELU: tl.constexpr,  # GELU applied to each loaded B tile (dw2 = dy.T @ gelu(h))
+    EPILOGUE: tl.constexpr,  # 0: none, 1: store pre to pre_ptr then GELU, 2: c *= gelu'(aux), pre = gelu(aux)
     ROWSUM_A: tl.constexpr,  # rowsum_ptr[m] = sum_k A[m, k] (the bias gradient), stored by pid_n == 0
     APPROX_TANH: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,  # interpreter + bf16: its bf16 tl.dot is wrong and its downcast truncates
@@ -168,11 +231,6 @@ def _projector_mlp_matmul_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if B_GELU:
-            g = _gelu(b.to(tl.float32), APPROX_TANH)
-            if INTERPRET_BF16:
-                g = _round_bf16_rne(g)
-            b = g.to(b_ptr.dtype.element_ty)
         if ROWSUM_A:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
         if INTERPRET_BF16:
@@ -197,7 +255,15 @@ def _projector_mlp_matmul_kernel(
         acc = _gelu(acc, APPROX_TANH)
     elif EPILOGUE == 2:
         z = tl.load(aux_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn, mask=mask_c, other=0.0)
-        acc = acc * _gelu_grad(z.to(tl.float32), APPROX_TANH)
+        act, grad = _gelu_and_grad(z.to(tl.float32), APPROX_TANH)
+        if INTERPRET_BF16:
+            act = _round_bf16_rne(act)
+        tl.store(
+            pre_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+            act.to(pre_ptr.dtype.element_ty),
+            mask=mask_c,
+        )
+        acc = acc * grad
     if INTERPRET_BF16:
         acc = _round_bf16_rne(acc)
     tl.store(
@@ -220,17 +286,19 @@ def _matmul(
     bias: torch.Tensor | None = None,  # (N,)
     epilogue: int = _EPI_NONE,
     aux: torch.Tensor | None = None,  # (M, N): pre-activation for _EPI_GELU_GRAD
-    b_gelu: bool = False,
     rowsum: bool = False,
     approx_tanh: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the shared kernel; returns (c (M, N), pre (M, N) or None, fp32 row sums of a (M,) or None)."""
+    """Launch the shared kernel; returns (c (M, N), pre (M, N) or None, fp32 row sums of a (M,) or None).
+
+    ``pre`` is the pre-activation for _EPI_GELU and gelu(aux) for _EPI_GELU_GRAD.
+    """
     M, K = a.shape
     N = b.shape[1]
     out_dtype = out_dtype or a.dtype
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    pre = torch.empty_like(c) if epilogue == _EPI_GELU else None
+    pre = torch.empty_like(c) if epilogue != _EPI_NONE else None
     sums = torch.empty((M,), device=a.device, dtype=torch.float32) if rowsum else None
     if M == 0 or N == 0:
         return c, pre, (sums.zero_() if sums is not None else None)
@@ -259,11 +327,14 @@ def _matmul(
         c.stride(1),
         aux_t.stride(0),
         aux_t.stride(1),
+        autotune_bucket(M),
+        autotune_bucket(N),
+        autotune_bucket(K),
         HAS_BIAS=bias is not None,
         EPILOGUE=epilogue,
-        B_GELU=b_gelu,
         ROWSUM_A=rowsum,
-        APPROX_TANH=approx_tanh,
+        # only where a GELU is computed: fc2, dx and dw1 keep one compiled variant for both forms
+        APPROX_TANH=approx_tanh and epilogue != _EPI_NONE,
         INTERPRET_BF16=triton_interpreted() and out_dtype == torch.bfloat16,
         DOT_PRECISION=precision,
     )
@@ -281,15 +352,19 @@ def _projector_mlp_bwd(dy, x, w1, h, w2, approx_tanh: bool, needs: list[bool], b
     """Gradients (dx, dw1, db1, dw2, db2), each None where ``needs`` says it is not wanted."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs
     dx = dw1 = db1 = dw2 = db2 = None
+    need_dh = need_x or need_w1 or need_b1
+    a = None
+    if need_dh:  # dh's epilogue also hands back a = gelu(h) for dw2
+        dh, a, _ = _matmul(dy, w2, epilogue=_EPI_GELU_GRAD, aux=h, approx_tanh=approx_tanh, out_dtype=h.dtype)
     if need_w2:
-        dw2, _, s = _matmul(
-            dy.t(), h, b_gelu=True, rowsum=need_b2, approx_tanh=approx_tanh, out_dtype=w2.dtype
-        )
+        if a is None:  # only linear_2 trains: no dh pass to take a from
+            a = F.gelu(h.float(), approximate="tanh" if approx_tanh else "none").to(h.dtype)
+        dw2, _, s = _matmul(dy.t(), a, rowsum=need_b2, out_dtype=w2.dtype)
         db2 = s.to(b2_dtype) if need_b2 else None
     elif need_b2:
         db2 = dy.float().sum(0).to(b2_dtype)
-    if need_x or need_w1 or need_b1:
-        dh, _, _ = _matmul(dy, w2, epilogue=_EPI_GELU_GRAD, aux=h, approx_tanh=approx_tanh, out_dtype=h.dtype)
+    del a
+    if need_dh:
         if need_x:
             dx, _, _ = _matmul(dh, w1, out_dtype=x.dtype)
         if need_w1:
