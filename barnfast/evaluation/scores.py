@@ -307,8 +307,8 @@ def discordant_split(n10: int, n01: int, alpha: float = 0.05) -> dict:
 def answer_warnings(records: Sequence[dict], ci: tuple[float, float], chance: float | None) -> list[str]:
     """Warnings for one model on one task: constant answers; accuracy interval containing chance."""
     out = []
-    preds = [str(r.get("prediction", "")).strip().lower() for r in records]
-    if len(preds) > 1 and len(set(preds)) == 1:
+    preds = [str(r.get("prediction", "")).strip() for r in records]
+    if len(preds) > 1 and len({p.lower() for p in preds}) == 1:
         out.append(f"constant answer {preds[0]!r} on all {len(preds)} items")
     if chance is not None and ci[0] <= chance <= ci[1]:
         out.append(f"accuracy 95% CI [{ci[0]:.3f}, {ci[1]:.3f}] contains chance {chance:.3f}")
