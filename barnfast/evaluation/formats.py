@@ -147,6 +147,8 @@ def load_items(path: str | Path, fmt: str = "auto", image_root: str | Path | Non
         items = {"mme": _mme, "ai2d": _ai2d, "mmbench": _mmbench}[fmt](path, image_root)
         return items[:limit] if limit is not None else items
     records = _read_records(path)
+    if isinstance(records, dict) and "question_id" in records:  # a one-line JSONL file (one POPE question)
+        records = [records]
     fmt = detect_format(records) if fmt == "auto" else fmt
     root = Path(image_root) if image_root else path.parent
     if fmt == "scienceqa":
