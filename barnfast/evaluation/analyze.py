@@ -328,6 +328,39 @@ def statistics(backbones: list[str], records: dict[str, list[dict]]) -> dict:
     return out
 
 
+def official_scores(root: Path) -> dict:
+    """Run → evaluation file → the benchmark's own headline numbers (``benchmark`` in eval/<name>.summary.json)."""
+    out = {}
+    for run in sweep_runs(root):
+        for path in sorted((root / run["name"] / "eval").glob("*.summary.json")):
+            bench = json.loads(path.read_text()).get("benchmark")
+            if bench:
+                out.setdefault(run["name"], {})[path.name.removesuffix(".summary.json")] = bench
+    return out
+
+
+_HEADLINE_SCORE = {"mme": ("perception", "cognition"), "mmbench": ("circular_accuracy", "first_rotation_accuracy"),
+                   "textvqa": ("vqa_accuracy",)}
+
+
+def render_official(off: dict) -> list[str]:
+    rows = []
+    for run, benches in off.items():
+        for name, b in benches.items():
+            keys = _HEADLINE_SCORE.get(b["format"], ("accuracy",))
+            vals = "; ".join(f"{k} {b[k]:.3f}" for k in keys)
+            if b["format"] == "pope":
+                vals += f"; F1 {b['pope']['f1']:.3f}; yes-ratio {b['pope']['yes_ratio']:.3f}"
+            rows.append([run, name, b["format"], vals])
+    if not rows:
+        return []
+    return ["### Benchmark scores (each benchmark's own metric)", "", _table(["run", "file", "format", "scores"], rows),
+            "", "How computed: MME perception / cognition = Σ over subtasks of 100·(acc + acc+), acc+ = share of "
+            "images with both questions right; MMBench circular accuracy = share of questions right in every "
+            "rotation of their options; TextVQA = mean VQA accuracy (official answer normalisation); POPE F1 with "
+            "\"yes\" positive; others: accuracy.", ""]
+
+
 def render_statistics(st: dict) -> list[str]:
     md = ["## Statistics per evaluation file", ""]
     for bench, s in st.items():
@@ -531,6 +564,7 @@ def build_report(root: Path, bins: int = 15, stability_items: int = 16) -> dict:
     result["statistics"] = statistics(backbones, records)
     result["seeds"] = seed_analysis(root)
     result["training"] = training_side(root)
+    result["benchmark_scores"] = official_scores(root)
     sweep = json.loads((root / "sweep.json").read_text()) if (root / "sweep.json").exists() else {}
     (root / "analysis.json").write_text(json.dumps(result, indent=2))
     (root / "report.md").write_text(render(root, backbones, result, sweep))
@@ -551,7 +585,8 @@ def render(root: Path, backbones: list[str], r: dict, sweep: dict) -> str:
           "colour + shape items, reasoning = count + position items, over all tasks; POPE F1 with \"yes\" the "
           "positive class; ECE over 15 equal-width confidence bins and top-label Brier over the mc and yes/no "
           "items; mean CKA = linear CKA of clean vs noisy-image hidden states averaged over layers.", "",
-          *render_statistics(r["statistics"]), *render_seeds(r["seeds"]), *render_training(r["training"]),
+          *render_statistics(r["statistics"]), *render_official(r["benchmark_scores"]), *render_seeds(r["seeds"]),
+          *render_training(r["training"]),
           "## 1. Accuracy", "", "### Per task", "",
           _table(["backbone", *[f"{t} (n={acc[backbones[0]]['n_by_task'][t]})" for t in TASKS], "overall",
                   "open VQA acc"],
