@@ -397,7 +397,8 @@ def check_evals(cfg: dict, no_eval: bool) -> None:
         flag = f"--eval {e['name']}={e['format']}:{e['path']}"
         if not Path(e["path"]).exists():
             raise SystemExit(f"{flag}: evaluation file {e['path']} does not exist")
-        if e["image_root"] and not Path(e["image_root"]).is_dir():
+        # MMBench's IMAGE_ROOT is where its base64 images are decoded to: it need not exist yet.
+        if e["image_root"] and e["format"] != "mmbench" and not Path(e["image_root"]).is_dir():
             raise SystemExit(f"{flag}:{e['image_root']}: image folder does not exist")
         try:
             items = load_items(e["path"], e["format"], e["image_root"], limit=cfg["eval_limit"])
