@@ -89,6 +89,13 @@ class DataConfig:
     """Stored dtype of cached features: ``fp16`` or ``bf16``."""
     vision_cache_batch: int = 32
     """Images per tower call in the cache's precompute pass."""
+    max_length: int = 2048
+    """Longest sample in tokens, the same limit for every backbone (LLaVA-1.5's ``model_max_length``
+    2048): a backbone's own context never decides which samples a sweep trains on. Must not exceed the
+    backbone's context (checked when the run starts)."""
+    exclude_samples: str | None = None
+    """JSONL of ``{"stage", "id", "reason"}``: samples left out of that stage (the sweep writes one with the
+    samples some backbone of the sweep cannot take, so that every backbone drops them)."""
 
     def __post_init__(self):
         if self.vision_cache == "":
@@ -96,6 +103,9 @@ class DataConfig:
         _check(self.vision_cache_dtype in ("fp16", "bf16"), "data.vision_cache_dtype",
                f"must be 'fp16' or 'bf16', got {self.vision_cache_dtype!r}")
         _check(self.vision_cache_batch >= 1, "data.vision_cache_batch", "must be >= 1")
+        _check(self.max_length >= 16, "data.max_length", f"must be >= 16, got {self.max_length}")
+        if self.exclude_samples == "":
+            self.exclude_samples = None
         _check(self.image_aspect in ("pad", "resize"), "data.image_aspect", f"must be 'pad' or 'resize', got "
                f"{self.image_aspect!r}")
         _check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
@@ -146,7 +156,7 @@ class TrainConfig:
     dtype: str = "auto"
     """``auto``: bf16 autocast on CUDA, fp32 on CPU; or ``fp32`` / ``bf16``."""
     max_length: int | None = None
-    """Longest sample in tokens (None: the backbone's context); longer samples are skipped."""
+    """Moved to ``data.max_length`` (one limit for every backbone); setting it here is an error."""
     log_every: int = 1
     kernel_backend: str = "auto"
     """Backend of barnfast.kernels ops: ``auto`` | ``triton`` | ``torch``."""
@@ -169,7 +179,8 @@ class TrainConfig:
         _check(self.token_budget >= 16, "train.token_budget", f"must be >= 16, got {self.token_budget}")
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto|fp32|bf16, got {self.dtype!r}")
-        _check(self.max_length is None or self.max_length >= 16, "train.max_length", "must be >= 16 or unset")
+        _check(self.max_length is None, "train.max_length",
+               "moved to data.max_length (one length limit for every backbone, default 2048)")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.kernel_backend in ("auto", "triton", "torch"), "train.kernel_backend",
                f"must be auto|triton|torch, got {self.kernel_backend!r}")

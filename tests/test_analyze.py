@@ -46,3 +46,36 @@ def test_report_has_every_section_numbers_and_figures():
     assert pair["mcnemar_p"] == pytest.approx(scores.mcnemar_exact(t["n10"], t["n01"]))
     assert pair["gain"]["net"] == t["n01"] - t["n10"]
     assert sum(u["count"] for u in result["upset"]) == 24
+
+
+def test_report_proves_control_first_and_gives_intervals_chance_and_training_side():
+    out, _ = finished_sweep()
+    assert analyze.main([str(out)]) == 0
+    report = (out / "report.md").read_text()
+    sections = [line for line in report.splitlines() if line.startswith("## ")]
+    assert sections[0].startswith("## 0. Control") and "**controlled: yes**" in report
+    control = json.loads((out / "control.json").read_text())
+    manifests = [control["runs"][b]["manifests"]["stage2"]["sha256"] for b in BACKBONES]
+    assert manifests[0] == manifests[1] and manifests[0][:12] in report
+    result = json.loads((out / "analysis.json").read_text())
+    assert set(result["statistics"]) == {"eval_open", "eval_mc", "eval_yesno"}  # every file found
+    yn = result["statistics"]["eval_yesno"]
+    assert yn["chance"] == 0.5 and yn["n"] == 8
+    for b in BACKBONES:
+        recs = [r for r in _records(out, b) if r["task"] == "yesno"]
+        m = yn["models"][b]
+        assert m["accuracy"] == pytest.approx(np.mean([r["correct"] for r in recs]))
+        assert m["ci"] == pytest.approx(scores.bootstrap_ci([float(r["correct"]) for r in recs]))
+        constant = len({r["prediction"] for r in recs}) == 1
+        assert constant == any("constant answer" in w for w in m["warnings"])
+        assert "### eval_yesno (n=8, chance 0.500)" in report
+    assert "One seed only" in report and result["seeds"] is None
+    for b in BACKBONES:
+        tr = result["training"][b]
+        rows = [json.loads(x) for x in (out / b / "metrics.jsonl").read_text().splitlines()]
+        s2 = [r for r in rows if r["stage"] == "stage2"]
+        assert tr["stages"]["stage2"]["steps"] == len(s2) == 2
+        assert tr["stages"]["stage2"]["bpb_last"] == pytest.approx(
+            s2[-1]["loss"] * s2[-1]["target_tokens"] / (np.log(2) * s2[-1]["target_bytes"]))
+        assert tr["variant"] == "base"
+    assert (out / "figures" / "training_bpb.png").read_bytes()[:4] == b"\x89PNG"

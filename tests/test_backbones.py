@@ -17,8 +17,12 @@ FACTS = {
     "llama1": ("huggyllama/llama-7b", 32000, 4096, 11008, 32, 32, 32, 1e4, 2048, "vicuna_v1"),
     "llama2": ("meta-llama/Llama-2-7b-hf", 32000, 4096, 11008, 32, 32, 32, 1e4, 4096, "llama_2"),
     "vicuna": ("lmsys/vicuna-7b-v1.5", 32000, 4096, 11008, 32, 32, 32, 1e4, 4096, "vicuna_v1"),
-    "llama3": ("meta-llama/Meta-Llama-3-8B-Instruct", 128256, 4096, 14336, 32, 32, 8, 5e5, 8192, "llama_3"),
-    "llama3.1": ("meta-llama/Llama-3.1-8B-Instruct", 128256, 4096, 14336, 32, 32, 8, 5e5, 131072, "llama_3"),
+    "llama2-chat": ("meta-llama/Llama-2-7b-chat-hf", 32000, 4096, 11008, 32, 32, 32, 1e4, 4096, "llama_2"),
+    "llama3": ("meta-llama/Meta-Llama-3-8B", 128256, 4096, 14336, 32, 32, 8, 5e5, 8192, "llama_3"),
+    "llama3-instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", 128256, 4096, 14336, 32, 32, 8, 5e5, 8192, "llama_3"),
+    "llama3.1": ("meta-llama/Llama-3.1-8B", 128256, 4096, 14336, 32, 32, 8, 5e5, 131072, "llama_3"),
+    "llama3.1-instruct": ("meta-llama/Llama-3.1-8B-Instruct", 128256, 4096, 14336, 32, 32, 8, 5e5, 131072,
+                          "llama_3"),
     "mistral": ("mistralai/Mistral-7B-Instruct-v0.2", 32000, 4096, 14336, 32, 32, 8, 1e6, 32768, "mistral"),
     "qwen2": ("Qwen/Qwen2-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, 1e6, 32768, "chatml"),
 }
@@ -95,7 +99,7 @@ def test_real_facts_and_config(name):
         b.chat_template,
     )
     assert got == FACTS[name]
-    assert b.rope_scaling == (LLAMA31_ROPE if name == "llama3.1" else None)
+    assert b.rope_scaling == (LLAMA31_ROPE if name.startswith("llama3.1") else None)
     cfg = b.text_config()
     assert cfg.model_type == b.family
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_key_value_heads, cfg.max_position_embeddings) == (
@@ -105,7 +109,7 @@ def test_real_facts_and_config(name):
         ctx,
     )
     assert cfg.rope_parameters["rope_theta"] == theta
-    if name == "llama3.1":
+    if name.startswith("llama3.1"):
         assert {k: cfg.rope_parameters[k] for k in LLAMA31_ROPE} == LLAMA31_ROPE
     else:
         assert cfg.rope_parameters["rope_type"] == "default"
@@ -141,7 +145,7 @@ def test_tiny_twin_keeps_family_facts(name):
 @pytest.mark.parametrize("name", REAL)
 def test_tiny_tokenizer_layout(name):
     b = from_name(f"{name}-tiny")
-    size, ids, pad_id = TOKENIZERS[name]
+    size, ids, pad_id = TOKENIZERS[name.removesuffix("-chat").removesuffix("-instruct")]
     tok = b.load_tokenizer()
     assert isinstance(tok, transformers.PreTrainedTokenizerFast)
     assert len(tok) == size
@@ -227,3 +231,13 @@ def test_real_entry_loads_local_folder(tmp_path):
     # A folder of another family is refused rather than silently trained under the wrong name.
     with pytest.raises(ValueError, match="'llama'"):
         from_name("qwen2").load_model(model_path=str(tmp_path))
+
+
+def test_base_and_tuned_variants_of_each_generation():
+    """Like with like: each generation has a base entry and a chat/instruct one, equal but for the weights."""
+    for base, tuned, kind in (("llama2", "llama2-chat", "chat"), ("llama3", "llama3-instruct", "instruct"),
+                              ("llama3.1", "llama3.1-instruct", "instruct")):
+        b, t = from_name(base), from_name(tuned)
+        assert (b.variant, t.variant) == ("base", kind) and b.hf_id != t.hf_id
+        assert b.text_config().to_dict() == t.text_config().to_dict()
+        assert from_name(f"{tuned}-tiny").tiny and from_name(f"{tuned}-tiny").variant == kind

@@ -92,3 +92,58 @@ def test_linear_cka_identical_invariant_and_independent():
     assert scores.linear_cka(np.array([[1.0], [2], [3], [4]]), np.array([[1.0], [3], [2], [4]])) == \
         pytest.approx(0.64)
     assert math.isnan(scores.linear_cka(np.ones((4, 2)), x[:4]))
+
+
+def test_chance_accuracy_from_option_counts():
+    recs = [{"task": "mc", "option_probs": {"A": 0.5, "B": 0.3, "C": 0.1, "D": 0.1}},
+            {"task": "yesno", "option_probs": {"yes": 0.9, "no": 0.1}}]
+    assert scores.chance_accuracy(recs) == pytest.approx((0.25 + 0.5) / 2)
+    assert scores.chance_accuracy([{"task": "open", "option_probs": None}]) is None
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(1)
+    small = rng.random(40) < 0.6
+    big = rng.random(4000) < 0.6
+    lo, hi = scores.bootstrap_ci(small)
+    assert lo <= small.mean() <= hi
+    blo, bhi = scores.bootstrap_ci(big)
+    # Normal approximation: half-width ≈ 1.96 · sqrt(p(1-p)/n) = 0.0152 at n=4000, p=0.6.
+    assert (bhi - blo) / 2 == pytest.approx(1.96 * math.sqrt(0.24 / 4000), rel=0.15)
+    assert bhi - blo < hi - lo
+    assert scores.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_paired_bootstrap_diff_uses_the_pairing():
+    # b = a shifted: every item b solves, a solves too, plus 10 more: the paired interval excludes 0.
+    a = np.array([1] * 50 + [0] * 50, dtype=float)
+    b = a.copy()
+    b[50:60] = 1
+    d = scores.paired_bootstrap_diff(a, b)
+    assert d["diff"] == pytest.approx(0.1) and 0 < d["lo"] <= 0.1 <= d["hi"]
+    same = scores.paired_bootstrap_diff(a, a)
+    assert (same["diff"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
+
+
+def test_clopper_pearson_and_discordant_split_hand_cases():
+    # k=0 of n=10: upper bound 1 - 0.025^(1/10) = 0.3085 (the exact formula at the edge).
+    lo, hi = scores.clopper_pearson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** 0.1)
+    lo, hi = scores.clopper_pearson(5, 10)
+    assert lo == pytest.approx(0.187086, abs=1e-5) and hi == pytest.approx(0.812914, abs=1e-5)
+    s = scores.discordant_split(n10=1, n01=9)
+    assert s["new_share"] == pytest.approx(0.9) and s["n_discordant"] == 10
+    assert s["lo"] > 0.5 and s["mcnemar_p"] == pytest.approx(22 / 1024)  # the new model solves more of them
+    assert scores.discordant_split(0, 0)["new_share"] is None
+
+
+def test_answer_warnings_constant_and_chance():
+    recs = [{"prediction": "A"}] * 6
+    w = scores.answer_warnings(recs, (0.1, 0.5), 0.25)
+    assert any("constant answer 'A'" in x for x in w) and any("contains chance 0.250" in x for x in w)
+    assert scores.answer_warnings([{"prediction": "A"}, {"prediction": "B"}], (0.6, 0.9), 0.25) == []
+
+
+def test_mean_std_over_seeds():
+    assert scores.mean_std([0.5, 0.7, 0.6]) == (pytest.approx(0.6), pytest.approx(0.1))
+    assert scores.mean_std([0.5]) == (0.5, None)

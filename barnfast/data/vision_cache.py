@@ -2,8 +2,10 @@
 
 The tower is frozen in both stages and is the same for every backbone of a sweep (same registry
 entry, same weights, same seed), so its output for an image depends only on the image's bytes
-and the *settings*: encoder name, its weights (hub id, ``--vision-path`` or the tiny twin's seed),
-the S2 scales, the aspect mode (pad | resize) and the stored dtype (fp16 | bf16).
+and the *settings*: encoder name, its weights' identity (the sha256 of the weight files' bytes for a
+local ``--vision-path``, never the path: weights replaced at the same path must miss; the tiny twin's
+registry entry and seed; the hub id), the preprocessing (size, mean, std, pad | resize), the S2
+scales and the stored dtype (fp16 | bf16).
 
 Layout (``--vision-cache DIR``)::
 
@@ -65,12 +67,13 @@ class CacheSettings:
     """Everything the features depend on besides the image bytes."""
 
     encoder: str  # registry name, e.g. "clip-l-336"
-    weights: str  # hub id, local folder, or "random-init seed N" for a tiny twin
+    weights: str  # content hash of a local folder's weight files, "random-init seed N; ..." (tiny), or hub id
     s2_scales: tuple[int, ...]
     image_aspect: str  # "pad" | "resize"
     dtype: str  # "fp16" | "bf16"
     num_tokens: int  # P
     width: int  # C = hidden_size · len(s2_scales)
+    preprocess: str = ""  # the ImageSpec the pixels were made with: size, mean, std, mode
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -198,14 +201,32 @@ class VisionFeatureCache:
 
 
 def settings_for(vision, *, s2_scales: Sequence[int], image_aspect: str, dtype: str, seed: int,
-                 vision_path: str | None = None) -> CacheSettings:
-    """The settings of a tower registry entry as a run uses it (tiny twins: their weights are the seed's)."""
-    if vision_path is not None:
-        weights = str(Path(vision_path).resolve())
+                 vision_path: str | None = None, weights_id: str | None = None, image_spec=None) -> CacheSettings:
+    """The settings of a tower registry entry as a run uses it.
+
+    ``weights_id``: the identity of the weights (the trainer passes the run fingerprint's, a content
+    hash for a local folder); without it a local folder is hashed here. ``image_spec``: the
+    :class:`~barnfast.data.images.ImageSpec` of the pixels (its fields go into the key).
+    """
+    if weights_id is not None:
+        weights = weights_id
+    elif vision_path is not None:
+        weights = "sha256:" + _folder_digest(Path(vision_path))
     elif vision.tiny:
         weights = f"random-init seed {seed}"
     else:
         weights = vision.hf_id
+    preprocess = "" if image_spec is None else json.dumps(asdict(image_spec), sort_keys=True)
     return CacheSettings(encoder=vision.name, weights=weights, s2_scales=tuple(int(s) for s in s2_scales),
                          image_aspect=image_aspect, dtype=dtype, num_tokens=vision.num_tokens,
-                         width=vision.hidden_size * len(s2_scales))
+                         width=vision.hidden_size * len(s2_scales), preprocess=preprocess)
+
+
+def _folder_digest(path: Path) -> str:
+    """sha256 over (relative name, sha256 of bytes) of every file of a weights folder (or of one file)."""
+    if path.is_file():
+        return image_key(path)
+    h = hashlib.sha256()
+    for p in sorted(x for x in path.rglob("*") if x.is_file()):
+        h.update(f"{p.relative_to(path).as_posix()}\0{image_key(p)}\n".encode())
+    return h.hexdigest()

@@ -47,40 +47,57 @@ REASONING = ("count", "position")
 # -- loading --------------------------------------------------------------------------------------------
 
 
-def load_sweep(root: Path) -> tuple[list[str], dict[str, list[dict]]]:
-    """(backbones in sweep order, backbone → its evaluation records with a ``key`` = task:id)."""
+def sweep_runs(root: Path) -> list[dict]:
+    """``{name, backbone, seed}`` of every run of the sweep (sweep.json; older sweeps: one run per backbone)."""
     cfg_path = root / "sweep.json"
     if cfg_path.exists():
-        backbones = json.loads(cfg_path.read_text())["backbones"]
-    else:
-        backbones = sorted(p.name for p in root.iterdir() if (p / "eval").is_dir())
-    records = {}
-    for b in backbones:
-        rows = []
-        for task in TASKS:
-            path = root / b / "eval" / f"eval_{task}.jsonl"  # as `barnfast eval` names it
-            if path.exists():
-                rows += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        if not rows:
-            raise SystemExit(f"{root / b / 'eval'} has no evaluation records; run the sweep to the end first")
-        for r in rows:
-            r["key"] = f"{r['task']}:{r['id']}"
-        records[b] = rows
-    return backbones, records
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("runs"):
+            return cfg["runs"]
+        return [{"name": b, "backbone": b, "seed": cfg.get("seed")} for b in cfg["backbones"]]
+    return [{"name": p.name, "backbone": p.name, "seed": None}
+            for p in sorted(root.iterdir()) if (p / "eval").is_dir()]
+
+
+def load_records(run_dir: Path) -> list[dict]:
+    """Every evaluation file of a run (``eval/*.jsonl``), each record tagged with ``benchmark`` = the file's
+    name (``eval_mc``, ``pope`` ...) and ``key`` = benchmark:id."""
+    rows = []
+    for path in sorted((run_dir / "eval").glob("*.jsonl")):
+        for x in path.read_text().splitlines():
+            if x.strip():
+                r = json.loads(x)
+                r["benchmark"] = path.stem
+                r["key"] = f"{path.stem}:{r['id']}"
+                rows.append(r)
+    if not rows:
+        raise SystemExit(f"{run_dir / 'eval'} has no evaluation records; run the sweep to the end first")
+    return rows
+
+
+def load_sweep(root: Path) -> tuple[list[str], dict[str, list[dict]]]:
+    """(backbones in sweep order, backbone → the evaluation records of its first-seed run)."""
+    runs = sweep_runs(root)
+    first_seed = runs[0]["seed"]
+    chosen = [r for r in runs if r["seed"] == first_seed]
+    return [r["backbone"] for r in chosen], {r["backbone"]: load_records(root / r["name"]) for r in chosen}
 
 
 def load_stability(root: Path, backbone: str, n_items: int) -> dict | None:
-    path = root / backbone / "eval" / "stability.json"
+    run = next((r["name"] for r in sweep_runs(root) if r["backbone"] == backbone), backbone)
+    path = root / run / "eval" / "stability.json"
     if path.exists():
         return json.loads(path.read_text())
-    if not n_items or not (root / backbone / "export" / "barnfast.json").exists():
+    if not n_items or not (root / run / "export" / "barnfast.json").exists() or not (root / "sweep.json").exists():
+        return None
+    if not (Path(json.loads((root / "sweep.json").read_text())["data_dir"]) / "eval_open.jsonl").exists():
         return None
     from barnfast.evaluation import ExportedVLM, load_items
     from barnfast.evaluation.evaluate import representation_stability
 
     data_dir = Path(json.loads((root / "sweep.json").read_text())["data_dir"])
     items = load_items(data_dir / "eval_open.jsonl", "synthetic", limit=n_items)
-    result = representation_stability(ExportedVLM(root / backbone / "export"), items)
+    result = representation_stability(ExportedVLM(root / run / "export"), items)
     path.write_text(json.dumps(result, indent=2))
     return result
 
@@ -237,6 +254,266 @@ def fig_cka(stab: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# -- control, statistics, seeds and the training side ---------------------------------------------------
+
+
+def load_control(root: Path) -> dict | None:
+    """``control.json`` as ``barnfast sweep`` wrote it after training (None when missing)."""
+    path = root / "control.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _short(x, n: int = 12) -> str:
+    return "n/a" if x is None else str(x)[:n]
+
+
+def render_control(control: dict | None) -> list[str]:
+    md = ["## 0. Control: same samples, same order, same vision features", ""]
+    if control is None:
+        return md + ["**controlled: unknown**: no `control.json` (`barnfast sweep` writes it after training).", ""]
+    if control["controlled"]:
+        md.append("**controlled: yes**: for every seed, every backbone trained on the same sample ids in the same "
+                  "optimizer steps, with the same vision tower weights and every other fingerprint field equal; "
+                  "only the backbone differs.")
+    else:
+        md += [f"**controlled: NO**: {len(control['differences'])} difference(s):", "",
+               _table(["seed", "runs", "what differs", "first run", "other run"],
+                      [[d["seed"], " vs ".join(d["runs"]), d["what"], json.dumps(d["old"])[:80],
+                        json.dumps(d["new"])[:80]] for d in control["differences"]])]
+    stages = sorted({st for r in control["runs"].values() for st in r["manifests"]})
+    rows = []
+    for name, r in control["runs"].items():
+        row = [name, r["seed"], _short(r["fingerprint"]), _short(r["vision_identity"], 48)]
+        for st in stages:
+            m = r["manifests"].get(st, {})
+            row += [f"{_short(m.get('sha256'))} ({m.get('num_steps')} steps, {m.get('num_samples')} samples, "
+                    f"{m.get('num_skipped')} skipped, {m.get('num_excluded')} excluded)"]
+        rows.append(row)
+    md += ["", _table(["run", "seed", "fingerprint", "vision weights", *[f"{st} manifest" for st in stages]], rows),
+           ""]
+    ex = control.get("excluded_samples") or []
+    md.append(f"Samples dropped for every backbone because some backbone could not take them: {len(ex)}"
+              + ("" if not ex else " (" + "; ".join(f"{e['stage']}/{e['id']}: {e['reason']}" for e in ex[:5])
+                 + (" ..." if len(ex) > 5 else "") + ")") + ".")
+    md += ["", f"How computed: {control['how']}.", ""]
+    return md
+
+
+def statistics(backbones: list[str], records: dict[str, list[dict]]) -> dict:
+    """Per evaluation file: accuracy with a bootstrap 95% CI, chance, warnings; every pair's difference
+    with its paired bootstrap CI, exact McNemar p and the discordant split with its Clopper-Pearson CI."""
+    benches = sorted({r["benchmark"] for rows in records.values() for r in rows})
+    out = {}
+    for bench in benches:
+        per = {b: {r["key"]: r for r in records[b] if r["benchmark"] == bench} for b in backbones}
+        keys = sorted(set.intersection(*(set(m) for m in per.values())))
+        if not keys:
+            continue
+        chance = scores.chance_accuracy([per[backbones[0]][k] for k in keys])
+        models = {}
+        for b in backbones:
+            rows = [per[b][k] for k in keys]
+            correct = [float(r["correct"]) for r in rows]
+            ci = scores.bootstrap_ci(correct)
+            models[b] = {"accuracy": float(np.mean(correct)), "ci": ci,
+                         "warnings": scores.answer_warnings(rows, ci, chance)}
+        pairs = []
+        for a, b in itertools.combinations(backbones, 2):
+            x = [float(per[a][k]["correct"]) for k in keys]
+            y = [float(per[b][k]["correct"]) for k in keys]
+            t = scores.contingency(x, y)
+            pairs.append({"old": a, "new": b, "diff": scores.paired_bootstrap_diff(x, y), "table": t,
+                          "split": scores.discordant_split(t["n10"], t["n01"])})
+        out[bench] = {"n": len(keys), "chance": chance, "models": models, "pairs": pairs}
+    return out
+
+
+def official_scores(root: Path) -> dict:
+    """Run → evaluation file → the benchmark's own headline numbers (``benchmark`` in eval/<name>.summary.json)."""
+    out = {}
+    for run in sweep_runs(root):
+        for path in sorted((root / run["name"] / "eval").glob("*.summary.json")):
+            bench = json.loads(path.read_text()).get("benchmark")
+            if bench:
+                out.setdefault(run["name"], {})[path.name.removesuffix(".summary.json")] = bench
+    return out
+
+
+_HEADLINE_SCORE = {"mme": ("perception", "cognition"), "mmbench": ("circular_accuracy", "first_rotation_accuracy"),
+                   "textvqa": ("vqa_accuracy",)}
+
+
+def render_official(off: dict) -> list[str]:
+    rows = []
+    for run, benches in off.items():
+        for name, b in benches.items():
+            keys = _HEADLINE_SCORE.get(b["format"], ("accuracy",))
+            vals = "; ".join(f"{k} {b[k]:.3f}" for k in keys)
+            if b["format"] == "pope":
+                vals += f"; F1 {b['pope']['f1']:.3f}; yes-ratio {b['pope']['yes_ratio']:.3f}"
+            rows.append([run, name, b["format"], vals])
+    if not rows:
+        return []
+    return ["### Benchmark scores (each benchmark's own metric)", "", _table(["run", "file", "format", "scores"], rows),
+            "", "How computed: MME perception / cognition = Σ over subtasks of 100·(acc + acc+), acc+ = share of "
+            "images with both questions right; MMBench circular accuracy = share of questions right in every "
+            "rotation of their options; TextVQA = mean VQA accuracy (official answer normalisation); POPE F1 with "
+            "\"yes\" positive; others: accuracy.", ""]
+
+
+def render_statistics(st: dict) -> list[str]:
+    md = ["## Statistics per evaluation file", ""]
+    for bench, s in st.items():
+        md += [f"### {bench} (n={s['n']}, chance {_f(s['chance'])})", "",
+               _table(["backbone", "accuracy", "95% CI", "warning"],
+                      [[b, m["accuracy"], f"[{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]",
+                        "; ".join(f"⚠ {w}" for w in m["warnings"]) or "-"] for b, m in s["models"].items()]), ""]
+        if s["pairs"]:
+            md += [_table(["old → new", "Δ accuracy", "95% CI of Δ", "McNemar p", "discordant", "new's share",
+                           "95% CI of share"],
+                          [[f"{p['old']} → {p['new']}", p["diff"]["diff"], f"[{p['diff']['lo']:.3f}, "
+                            f"{p['diff']['hi']:.3f}]", p["split"]["mcnemar_p"], p["split"]["n_discordant"],
+                            p["split"]["new_share"], f"[{p['split']['lo']:.3f}, {p['split']['hi']:.3f}]"]
+                           for p in s["pairs"]]), ""]
+    md += ["How computed: 95% CI of an accuracy = percentile bootstrap over items (2,000 resamples, seed 0); "
+           "chance = mean over items of 1/(number of options) (n/a for open answers); Δ = new − old accuracy on "
+           "the same items, its CI from resampling the items jointly; McNemar p = exact two-sided binomial test "
+           "on the discordant items; new's share = of the items exactly one model solves, the share the new one "
+           "solves, with its Clopper-Pearson 95% interval (0.5 inside = no evidence either solves more of them). "
+           "⚠ marks a model whose answers are all the same or whose accuracy CI contains chance: its overlap "
+           "numbers (phi, more/different) are noise.", ""]
+    return md
+
+
+def seed_analysis(root: Path) -> dict | None:
+    """With several seeds: mean ± std of accuracy per backbone and file, and the seed-vs-seed overlap of each
+    backbone as the reference for backbone-vs-backbone overlap (None with one seed)."""
+    runs = sweep_runs(root)
+    seeds = list(dict.fromkeys(r["seed"] for r in runs))
+    if len(seeds) < 2:
+        return None
+    recs = {r["name"]: {x["key"]: x for x in load_records(root / r["name"])} for r in runs}
+    backbones = list(dict.fromkeys(r["backbone"] for r in runs))
+    name = {(r["backbone"], r["seed"]): r["name"] for r in runs}
+    benches = sorted({x["benchmark"] for m in recs.values() for x in m.values()})
+
+    def discord(n1: str, n2: str) -> dict:
+        keys = sorted(set(recs[n1]) & set(recs[n2]))
+        t = scores.contingency([recs[n1][k]["correct"] for k in keys], [recs[n2][k]["correct"] for k in keys])
+        return {"n": len(keys), "discordant_share": (t["n10"] + t["n01"]) / max(len(keys), 1),
+                "phi": scores.phi_coefficient(t), "table": t}
+
+    accuracy = {}
+    for b in backbones:
+        accuracy[b] = {}
+        for bench in [*benches, "overall"]:
+            vals = [float(np.mean([x["correct"] for x in recs[name[b, s]].values()
+                                   if bench == "overall" or x["benchmark"] == bench])) for s in seeds]
+            mean, std = scores.mean_std(vals)
+            accuracy[b][bench] = {"mean": mean, "std": std, "per_seed": vals}
+    seed_ref = {b: discord(name[b, seeds[0]], name[b, seeds[1]]) for b in backbones}
+    pairs = []
+    for a, b in itertools.combinations(backbones, 2):
+        per_seed = [discord(name[a, s], name[b, s]) for s in seeds]
+        share = float(np.mean([p["discordant_share"] for p in per_seed]))
+        ref = max(seed_ref[a]["discordant_share"], seed_ref[b]["discordant_share"])
+        pairs.append({"old": a, "new": b, "discordant_share": share, "seed_reference": ref,
+                      "phi": float(np.nanmean([p["phi"] for p in per_seed])) if any(
+                          not math.isnan(p["phi"]) for p in per_seed) else math.nan,
+                      "differ_more_than_seeds": share > ref})
+    return {"seeds": seeds, "benchmarks": benches, "accuracy": accuracy, "seed_reference": seed_ref, "pairs": pairs}
+
+
+def render_seeds(sd: dict | None) -> list[str]:
+    if sd is None:
+        return ["## Seeds", "", "One seed only: no seed-vs-seed reference; differences between backbones cannot be "
+                "told apart from seed noise (train with `--seeds 0,1,2`).", ""]
+    cols = [*sd["benchmarks"], "overall"]
+    md = [f"## Seeds ({', '.join(map(str, sd['seeds']))}): mean ± std", "",
+          _table(["backbone", *cols],
+                 [[b, *[f"{a[c]['mean']:.3f} ± {_f(a[c]['std'])}" for c in cols]] for b, a in sd["accuracy"].items()]),
+          "", "### Seed-vs-seed reference", "",
+          _table(["backbone", f"seed {sd['seeds'][0]} vs {sd['seeds'][1]}: items", "discordant share", "phi"],
+                 [[b, r["n"], r["discordant_share"], r["phi"]] for b, r in sd["seed_reference"].items()]), "",
+          _table(["old → new", "discordant share (mean over seeds)", "seed reference (larger of the two)",
+                  "phi (mean)", "verdict"],
+                 [[f"{p['old']} → {p['new']}", p["discordant_share"], p["seed_reference"], p["phi"],
+                   "backbones differ more than seeds do" if p["differ_more_than_seeds"] else
+                   "within seed noise: no claim of 'different questions'"] for p in sd["pairs"]]), "",
+          "How computed: std = sample standard deviation over seeds (ddof 1); discordant share = share of items "
+          "exactly one of two runs solves; the seed reference is that share between two seeds of one backbone "
+          "(same data, same recipe, another seed), the larger of the pair's two backbones; \"solves different "
+          "questions\" is claimed only where backbones disagree on more items than seeds of one backbone do.", ""]
+    return md
+
+
+def training_side(root: Path) -> dict:
+    """Per run and stage: steps, first/last loss, loss in bits per byte of target text, samples/s, tokens/s,
+    skipped and excluded samples; and which registry variant (base / chat / instruct) the backbone is."""
+    from barnfast.models import backbones as registry
+
+    out = {}
+    for run in sweep_runs(root):
+        run_dir = root / run["name"]
+        path = run_dir / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        try:
+            entry = registry.from_name(run["backbone"])
+            variant, hf_id = getattr(entry, "variant", None), entry.hf_id
+        except ValueError:
+            variant, hf_id = None, None
+        stages = {}
+        for st in dict.fromkeys(r["stage"] for r in rows):
+            sr = [r for r in rows if r["stage"] == st]
+            bpb = [r.get("loss_bits_per_byte") for r in sr]
+            skipped = run_dir / st / "skipped_samples.jsonl"
+            manifest = run_dir / st / "manifest.json"
+            stages[st] = {
+                "steps": len(sr), "loss_first": sr[0]["loss"], "loss_last": sr[-1]["loss"],
+                "bpb_first": bpb[0], "bpb_last": bpb[-1], "bpb_curve": bpb,
+                "samples_per_s": _mean(r["samples_per_s"] for r in sr),
+                "tokens_per_s": _mean(r["tokens_per_s"] for r in sr),
+                "skipped": len(skipped.read_text().splitlines()) if skipped.exists() else None,
+                "excluded": json.loads(manifest.read_text()).get("num_excluded") if manifest.exists() else None}
+        out[run["name"]] = {"backbone": run["backbone"], "seed": run["seed"], "variant": variant, "hf_id": hf_id,
+                            "stages": stages}
+    return out
+
+
+def fig_training(tr: dict, path: Path) -> None:
+    stages = sorted({st for r in tr.values() for st in r["stages"]})
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.6), squeeze=False)
+    for ax, st in zip(axes[0], stages):
+        for k, (name, r) in enumerate(tr.items()):
+            curve = r["stages"].get(st, {}).get("bpb_curve") or []
+            if curve and all(v is not None for v in curve):
+                ax.plot(range(len(curve)), curve, color=f"C{k}", marker="o", ms=3, label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss, bits per byte of target text")
+        ax.set_title(st)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_training(tr: dict) -> list[str]:
+    rows = []
+    for name, r in tr.items():
+        for st, s in r["stages"].items():
+            rows.append([name, r["variant"] or "n/a", st, s["steps"], s["loss_first"], s["loss_last"], s["bpb_first"],
+                         s["bpb_last"], s["samples_per_s"], s["tokens_per_s"], s["skipped"], s["excluded"]])
+    return ["## Training side", "",
+            _table(["run", "variant", "stage", "steps", "loss first", "loss last", "bits/byte first",
+                    "bits/byte last", "samples/s", "tokens/s", "skipped", "excluded"], rows), "",
+            "![training](figures/training_bpb.png)", "",
+            "How computed: loss = mean cross-entropy in nats per target token (not comparable across 32k and 128k "
+            "vocabularies); bits per byte = loss × target tokens / (ln 2 × UTF-8 bytes of the target text) per "
+            "step, comparable across tokenizers; samples/s and tokens/s = means over the logged steps; skipped = "
+            "lines of <stage>/skipped_samples.jsonl (bad input); excluded = samples the sweep dropped for every "
+            "backbone; variant = the registry entry's base / chat / instruct.", ""]
+
+
 # -- report ---------------------------------------------------------------------------------------------
 
 
@@ -279,9 +556,15 @@ def build_report(root: Path, bins: int = 15, stability_items: int = 16) -> dict:
     fig_reliability(cal, figdir / "reliability.png")
     if stab:
         fig_cka(stab, figdir / "cka_stability.png")
+    fig_training(training_side(root), figdir / "training_bpb.png")
     result = {"backbones": backbones, "n_common_items": len(keys), "accuracy": acc, "overlap": pairs,
               "upset": upset, "calibration": cal, "stability": stab,
               "figures": sorted(str(p.relative_to(root)) for p in figdir.glob("*.png"))}
+    result["control"] = load_control(root)
+    result["statistics"] = statistics(backbones, records)
+    result["seeds"] = seed_analysis(root)
+    result["training"] = training_side(root)
+    result["benchmark_scores"] = official_scores(root)
     sweep = json.loads((root / "sweep.json").read_text()) if (root / "sweep.json").exists() else {}
     (root / "analysis.json").write_text(json.dumps(result, indent=2))
     (root / "report.md").write_text(render(root, backbones, result, sweep))
@@ -291,8 +574,9 @@ def build_report(root: Path, bins: int = 15, stability_items: int = 16) -> dict:
 def render(root: Path, backbones: list[str], r: dict, sweep: dict) -> str:
     acc, cal, stab = r["accuracy"], r["calibration"], r["stability"]
     cats = sorted({c for a in acc.values() for c in a["by_category"]})
-    md = [f"# Backbone sweep report: {', '.join(backbones)}", "",
-          f"Sweep: `{root}`; seed {sweep.get('seed', 'n/a')}, recipe {sweep.get('recipe') or 'default'}, "
+    md = [f"# Backbone sweep report: {', '.join(backbones)}", "", *render_control(r["control"]),
+          f"Sweep: `{root}`; seed(s) {', '.join(map(str, sweep.get('seeds') or [sweep.get('seed', 'n/a')]))}"
+          f" (sections 1-4: the first seed), recipe {sweep.get('recipe') or 'default'}, "
           f"max steps per stage {sweep.get('max_steps')}; every backbone trained and evaluated on the same data. "
           "All numbers are in `analysis.json`.", "",
           "## Headline", "", headline(backbones, acc, cal, stab), "",
@@ -301,6 +585,8 @@ def render(root: Path, backbones: list[str], r: dict, sweep: dict) -> str:
           "colour + shape items, reasoning = count + position items, over all tasks; POPE F1 with \"yes\" the "
           "positive class; ECE over 15 equal-width confidence bins and top-label Brier over the mc and yes/no "
           "items; mean CKA = linear CKA of clean vs noisy-image hidden states averaged over layers.", "",
+          *render_statistics(r["statistics"]), *render_official(r["benchmark_scores"]), *render_seeds(r["seeds"]),
+          *render_training(r["training"]),
           "## 1. Accuracy", "", "### Per task", "",
           _table(["backbone", *[f"{t} (n={acc[backbones[0]]['n_by_task'][t]})" for t in TASKS], "overall",
                   "open VQA acc"],

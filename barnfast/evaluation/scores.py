@@ -25,6 +25,21 @@ Overlap of two models' per-item correctness (``a`` = old, ``b`` = new):
 - :func:`gain_split` — the net gain ``n01 - n10`` split into "more" (``n01``: solved by the new
   model, not by the old) and "different" (``n10``: solved by the old, lost by the new).
 
+Uncertainty (what a reviewer asks before reading a difference):
+- :func:`chance_accuracy` — the accuracy of guessing uniformly among each item's options (mc: 1/k,
+  yes/no: 1/2); None for open answers (no finite option set).
+- :func:`bootstrap_ci` — percentile bootstrap 95% interval of a mean of per-item scores (items
+  resampled with replacement, 2,000 resamples, a fixed seed so the report is reproducible).
+- :func:`paired_bootstrap_diff` — the same for the difference of two models' accuracy on the same
+  items (the items are resampled jointly, so the interval accounts for their correlation).
+- :func:`clopper_pearson` — the exact binomial interval of a proportion k/n.
+- :func:`discordant_split` — of the items exactly one model solves, the share the new one solves,
+  ``n01 / (n01 + n10)``, with its Clopper-Pearson interval: 0.5 inside the interval = no evidence that
+  either model solves more of the questions they disagree on (the McNemar question, as an interval).
+- :func:`answer_warnings` — a model whose answers are all the same, or whose accuracy interval
+  contains chance, is flagged: its overlap statistics (phi, "different questions") are noise.
+- :func:`mean_std` — mean and sample standard deviation (ddof 1) over seeds.
+
 Representations:
 - :func:`linear_cka` — linear CKA (Kornblith et al. 2019) of two ``(n, p)`` / ``(n, q)`` matrices of
   the same ``n`` items: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred
@@ -38,7 +53,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import binom
+from scipy.stats import beta, binom
 
 # -- answers ------------------------------------------------------------------------------------
 
@@ -223,3 +238,86 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     if denom == 0:
         return math.nan  # a constant representation has no similarity structure
     return float(cross / denom)
+
+
+# -- uncertainty ----------------------------------------------------------------------------------
+
+N_BOOTSTRAP = 2000  # percentile-interval error ~ 1/sqrt(2000 * 0.025) ≈ 0.14 of the tail mass: stable to ~0.005
+BOOTSTRAP_SEED = 0
+
+
+def chance_accuracy(records: Sequence[dict]) -> float | None:
+    """Mean over items of 1 / (number of options); None when any item is an open answer."""
+    if not records:
+        raise ValueError("chance_accuracy needs at least one record")
+    shares = []
+    for r in records:
+        if r["task"] == "open":
+            return None
+        k = len(r.get("option_probs") or {}) or (2 if r["task"] == "yesno" else 0)
+        if not k:
+            raise ValueError(f"record {r.get('id')}: a {r['task']} record without option_probs")
+        shares.append(1.0 / k)
+    return float(np.mean(shares))
+
+
+def bootstrap_ci(values: Sequence[float], *, n_boot: int = N_BOOTSTRAP, alpha: float = 0.05,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap ``(lo, hi)`` of the mean of ``values`` (per-item scores)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"need a non-empty 1-D sequence, got shape {x.shape}")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
+
+
+def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, n_boot: int = N_BOOTSTRAP,
+                          alpha: float = 0.05, seed: int = BOOTSTRAP_SEED) -> dict:
+    """``mean(b) - mean(a)`` over the same items and its percentile bootstrap interval (items resampled jointly)."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError(f"need two equal non-empty 1-D sequences, got {x.shape} and {y.shape}")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    diffs = y[idx].mean(axis=1) - x[idx].mean(axis=1)
+    return {"diff": float(y.mean() - x.mean()), "lo": float(np.quantile(diffs, alpha / 2)),
+            "hi": float(np.quantile(diffs, 1 - alpha / 2))}
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact binomial interval of k successes in n trials; (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
+
+
+def discordant_split(n10: int, n01: int, alpha: float = 0.05) -> dict:
+    """Share of the discordant items solved by the new model (``n01 / (n10 + n01)``) and its exact interval."""
+    n = n10 + n01
+    lo, hi = clopper_pearson(n01, n, alpha)
+    return {"n_discordant": n, "new_share": n01 / n if n else None, "lo": lo, "hi": hi,
+            "mcnemar_p": mcnemar_exact(n10, n01)}
+
+
+def answer_warnings(records: Sequence[dict], ci: tuple[float, float], chance: float | None) -> list[str]:
+    """Warnings for one model on one task: constant answers; accuracy interval containing chance."""
+    out = []
+    preds = [str(r.get("prediction", "")).strip() for r in records]
+    if len(preds) > 1 and len({p.lower() for p in preds}) == 1:
+        out.append(f"constant answer {preds[0]!r} on all {len(preds)} items")
+    if chance is not None and ci[0] <= chance <= ci[1]:
+        out.append(f"accuracy 95% CI [{ci[0]:.3f}, {ci[1]:.3f}] contains chance {chance:.3f}")
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof 1; None for one value)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("mean_std needs at least one value")
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else None

@@ -90,6 +90,9 @@ class Backbone:
     """Name of the ``-tiny`` twin; a tiny entry names itself."""
     tokenizer_kind: str = "sentencepiece"
     """Layout of the locally built tokenizer (``barnfast.models.tokenizers_tiny.KINDS``) for tiny twins."""
+    variant: str = "base"
+    """``base`` (pretrained only), ``chat`` or ``instruct`` (tuned to follow a chat template): a sweep should
+    compare like with like, and the report states which each run used."""
 
     @property
     def gqa_ratio(self) -> int:
@@ -280,6 +283,7 @@ _REAL = [
         chat_template="vicuna_v1",
         tiny=False,
         tiny_twin="vicuna-tiny",
+        variant="chat",
         **_SP,
     ),
     Backbone(
@@ -305,6 +309,7 @@ _REAL = [
         tiny=False,
         tiny_twin="llama3-tiny",
         tokenizer_kind="llama3",
+        variant="instruct",
     ),
     Backbone(
         name="llama3.1",
@@ -329,6 +334,7 @@ _REAL = [
         tiny=False,
         tiny_twin="llama3.1-tiny",
         tokenizer_kind="llama3.1",
+        variant="instruct",
     ),
     # Mistral 7B Instruct v0.2: LLaMA-2 tokenizer layout, GQA 32/8, RoPE 1e6, no sliding window.
     Backbone(
@@ -349,6 +355,7 @@ _REAL = [
         chat_template="mistral",
         tiny=False,
         tiny_twin="mistral-tiny",
+        variant="instruct",
         **_SP,
     ),
     # Qwen2 7B Instruct: ChatML, no BOS, GQA 28/4, RoPE 1e6, q/k/v biases (Qwen2Config's own).
@@ -375,8 +382,28 @@ _REAL = [
         tiny=False,
         tiny_twin="qwen2-tiny",
         tokenizer_kind="qwen2",
+        variant="instruct",
     ),
 ]
+
+
+def _variant(entry: Backbone, name: str, hf_id: str, variant: str) -> Backbone:
+    return dataclasses.replace(entry, name=name, hf_id=hf_id, variant=variant, tiny_twin=f"{name}-tiny")
+
+
+_BY_NAME = {b.name: b for b in _REAL}
+# Base and tuned checkpoints of each generation: same architecture, tokenizer and template (LLaVA trains
+# both with the generation's template), different weights. The Llama-3 names were the Instruct checkpoints
+# before these entries existed: ``llama3`` / ``llama3.1`` now name the base models, ``-instruct`` the tuned ones.
+_REAL += [
+    _variant(_BY_NAME["llama2"], "llama2-chat", "meta-llama/Llama-2-7b-chat-hf", "chat"),
+    _variant(_BY_NAME["llama3"], "llama3-instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "instruct"),
+    _variant(_BY_NAME["llama3.1"], "llama3.1-instruct", "meta-llama/Llama-3.1-8B-Instruct", "instruct"),
+]
+_REAL[[b.name for b in _REAL].index("llama3")] = _variant(_BY_NAME["llama3"], "llama3", "meta-llama/Meta-Llama-3-8B",
+                                                          "base")
+_REAL[[b.name for b in _REAL].index("llama3.1")] = _variant(_BY_NAME["llama3.1"], "llama3.1", "meta-llama/Llama-3.1-8B",
+                                                            "base")
 
 
 def _tiny(real: Backbone) -> Backbone:

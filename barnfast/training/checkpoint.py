@@ -61,6 +61,7 @@ class TrainerState:
     stage_done: bool  # True for the end-of-stage checkpoint
     samples_seen: int
     nonfinite_in_a_row: int = 0
+    fingerprint: str | None = None  # the run's (barnfast.training.fingerprint); resume refuses another
 
 
 def _rng_state() -> dict:

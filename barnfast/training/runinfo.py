@@ -39,8 +39,13 @@ def git_revision() -> str | None:
         return None
 
 
-def write_run_record(path: str | Path, config: dict, world_size: int, device: torch.device) -> dict:
+def write_run_record(path: str | Path, config: dict, world_size: int, device: torch.device,
+                     fingerprint=None) -> dict:
+    """``run.json``; ``fingerprint`` (a :class:`barnfast.training.fingerprint.Fingerprint`) and its fields
+    are what a later resume or sweep compares against (a folder with another one is refused before this)."""
     record = {
+        "fingerprint": None if fingerprint is None else fingerprint.digest,
+        "fingerprint_fields": None if fingerprint is None else fingerprint.fields,
         "config": config,
         "versions": package_versions(),
         "git_revision": git_revision(),

@@ -10,6 +10,7 @@ tokens (the normaliser is the global target count, all-reduced on device). The c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -30,12 +31,14 @@ from barnfast.data.llava import load_llava_json
 from barnfast.data.synthetic import ensure_synthetic
 from barnfast.data.vision_cache import VisionFeatureCache
 from barnfast.data.vision_cache import settings_for as vision_cache_settings
+from barnfast.errors import ConfigError
 from barnfast.models import backbones
 from barnfast.models import vision as vision_registry
 from barnfast.models.export import export_hf
 from barnfast.models.s2 import input_size as s2_input_size
 from barnfast.models.vlm import build_model
 from barnfast.training import checkpoint, distributed
+from barnfast.training import fingerprint as fingerprint_lib
 from barnfast.training import flops as flops_lib
 from barnfast.training.parallel import gradient_sync
 from barnfast.training.runinfo import write_run_record
@@ -78,6 +81,46 @@ def stage_data(recipe: Recipe, stage_name: str) -> tuple[Path, Path]:
     return root / f"{stage_name}.json", root
 
 
+def stage_files(recipe: Recipe) -> dict[str, tuple[Path, Path, bool]]:
+    """Stage name → (data file, image root, built-in synthetic?) for every stage of the recipe."""
+    out = {}
+    for stage in recipe.stages:
+        given = recipe.data.stage1_data if stage.name == "stage1" else recipe.data.stage2_data
+        path, root = stage_data(recipe, stage.name)
+        out[stage.name] = (path, root, given is None)
+    return out
+
+
+def fingerprint_of(recipe: Recipe) -> fingerprint_lib.Fingerprint:
+    """The run's fingerprint (see :mod:`barnfast.training.fingerprint`); creates the built-in data if missing."""
+    return fingerprint_lib.compute(recipe, backbone=backbones.from_name(recipe.model.backbone),
+                                   vision=vision_registry.from_name(resolve_vision_name(recipe)),
+                                   stage_files=stage_files(recipe), exclude_file=recipe.data.exclude_samples)
+
+
+def read_exclusions(path: str | Path | None, stage_name: str) -> dict[str, str]:
+    """Sample id → reason for the samples a stage leaves out (``data.exclude_samples``, one JSON per line)."""
+    if not path:
+        return {}
+    out = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if "id" not in row or "stage" not in row:
+                raise ValueError(f"{path}:{n}: an exclusion needs 'stage' and 'id', got {line[:120]!r}")
+            if row["stage"] == stage_name:
+                out[str(row["id"])] = str(row.get("reason", ""))
+    return out
+
+
+def check_max_length(recipe: Recipe) -> None:
+    """data.max_length is one limit for every backbone; a backbone whose context is shorter cannot take it."""
+    bb = backbones.from_name(recipe.model.backbone)
+    if recipe.data.max_length > bb.max_position_embeddings:
+        raise ConfigError(f"data.max_length: {recipe.data.max_length} is longer than the context of "
+                          f"{bb.name} ({bb.max_position_embeddings}); lower it for the whole sweep")
+
+
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
@@ -93,8 +136,11 @@ class MicroBatchOOMError(RuntimeError):
 class Trainer:
     """Builds the model once and runs the recipe's stages on it."""
 
-    def __init__(self, recipe: Recipe, dist_info: distributed.DistInfo, show_progress: bool = True):
+    def __init__(self, recipe: Recipe, dist_info: distributed.DistInfo, show_progress: bool = True,
+                 fingerprint: fingerprint_lib.Fingerprint | None = None):
         self.recipe = recipe
+        self.fingerprint = fingerprint if fingerprint is not None else fingerprint_of(recipe)
+        self.target_bytes: dict[str, int] = {}  # sample id -> UTF-8 bytes of its target text (bits per byte)
         self.dist = dist_info
         self.show_progress = show_progress and dist_info.is_main
         self.out = Path(recipe.output_dir)
@@ -109,7 +155,7 @@ class Trainer:
         self.use_bf16 = use_bf16
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
-        self.max_length = recipe.train.max_length or self.backbone.max_position_embeddings
+        self.max_length = recipe.data.max_length  # the same for every backbone (check_max_length)
         self.metrics_path = self.out / "metrics.jsonl"
         self.samples_seen = 0
         self.flops = flops_lib.FlopCounter(self.model)
@@ -126,7 +172,8 @@ class Trainer:
             apply_float8(self.model)
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.dist.is_main:
-            write_run_record(self.out / "run.json", recipe.to_dict(), self.dist.world_size, self.device)
+            write_run_record(self.out / "run.json", recipe.to_dict(), self.dist.world_size, self.device,
+                             fingerprint=self.fingerprint)
 
     def close(self) -> None:
         """Give SIGTERM back to whoever handled it before (a sweep, a test runner)."""
@@ -179,8 +226,13 @@ class Trainer:
             self.backbone.chat_template if stage.template == "auto" else stage.template)
         stage_dir = self.out / stage.name
         stage_dir.mkdir(parents=True, exist_ok=True)
+        samples = load_llava_json(path)
+        excluded = read_exclusions(self.recipe.data.exclude_samples, stage.name)
+        if excluded:  # dropped for every backbone of the sweep alike (the reasons are in the list)
+            samples = [s for s in samples if s.id not in excluded]
+        self.num_excluded = len(excluded)
         data = StageDataset(
-            load_llava_json(path), tokenizer=self.tokenizer, template=template,
+            samples, tokenizer=self.tokenizer, template=template,
             image_token_id=self.model.image_token_id, image_root=image_root, max_length=self.max_length,
             image_spec=self.vision.image_spec(self.recipe.data.image_aspect,
                                               size=s2_input_size(self.vision, self.model.s2_scales)),
@@ -189,13 +241,18 @@ class Trainer:
             show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
             num_image_tokens=self.model.visual_tokens_per_image,
         )
+        # Bytes of target text per sample: loss in bits per byte compares across 32k and 128k vocabularies.
+        texts = self.tokenizer.batch_decode([e.input_ids[e.labels != -100].tolist() for e in data.items],
+                                            skip_special_tokens=True)
+        self.target_bytes = {e.id: len(t.encode("utf-8")) for e, t in zip(data.items, texts)}
         r = self.recipe
         if r.data.vision_cache and r.train.packing:
             # The frozen tower's features, encoded once per image (ranks share the missing ones) and
             # served instead of pixels; padded (LLaVA-way) batches keep pixels.
             cache = VisionFeatureCache(r.data.vision_cache, vision_cache_settings(
                 self.vision, s2_scales=self.model.s2_scales, image_aspect=r.data.image_aspect,
-                dtype=r.data.vision_cache_dtype, seed=r.train.seed, vision_path=r.model.vision_path))
+                dtype=r.data.vision_cache_dtype, seed=r.train.seed, vision_path=r.model.vision_path,
+                weights_id=self.fingerprint.fields["identity.vision"], image_spec=data.image_spec))
 
             def encode(pixels):
                 with self.autocast:  # the features the training step would compute
@@ -274,6 +331,8 @@ class Trainer:
         plan = self.plan(data, stage, epoch=0)
         per_epoch = plan.num_steps
         total = per_epoch * stage.epochs if stage.max_steps is None else min(per_epoch * stage.epochs, stage.max_steps)
+        if d.is_main:
+            self.write_manifest(stage, data, plan, total)
         module = self.wrap(stage)  # first: fully_shard replaces the parameters with sharded ones
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = self.build_optimizer(params, stage)
@@ -323,7 +382,26 @@ class Trainer:
         self.save(module, opt, checkpoint.TrainerState(stage.name, step, True, self.samples_seen, nonfinite))
         return history
 
+    def write_manifest(self, stage, data: StageDataset, plan, total: int) -> dict:
+        """``<stage>/manifest.json``: the sample ids of every optimizer step in order, and their sha256.
+
+        A sweep compares these hashes across backbones: equal hashes = the same samples in the same steps.
+        """
+        steps, per_epoch = [], plan.num_steps
+        for epoch in range(math.ceil(total / per_epoch)):
+            p = plan if epoch == 0 else self.plan(data, stage, epoch=epoch)
+            steps += [[data.items[int(i)].id for i in p.step_samples(s)]
+                      for s in range(min(per_epoch, total - epoch * per_epoch))]
+        digest = hashlib.sha256(json.dumps(steps, separators=(",", ":")).encode()).hexdigest()
+        manifest = {"stage": stage.name, "sha256": digest, "num_steps": total, "global_batch": stage.global_batch,
+                    "seed": self.recipe.train.seed, "num_samples": len(data), "num_skipped": len(data.skipped),
+                    "num_excluded": self.num_excluded, "exclude_samples": self.recipe.data.exclude_samples,
+                    "how": "sha256 of the compact JSON of `steps` (a list of lists of sample ids)", "steps": steps}
+        (self.out / stage.name / "manifest.json").write_text(json.dumps(manifest))
+        return manifest
+
     def save(self, module, opt, state: checkpoint.TrainerState) -> Path:
+        state.fingerprint = self.fingerprint.digest
         return checkpoint.save_checkpoint(self.out / "checkpoints", module, opt, state, self.dist,
                                           keep=self.recipe.train.keep_checkpoints)
 
@@ -406,11 +484,12 @@ class Trainer:
             torch.tensor(float(sum(b.num_tokens for b in batches)), **f64),
             torch.tensor(float(sum(len(b.sample_ids) for b in batches)), **f64),
             torch.tensor(float(sum(b.num_images for b in batches)), **f64),
+            torch.tensor(float(sum(self.target_bytes.get(i, 0) for b in batches for i in b.sample_ids)), **f64),
         ])
         # Everything logged comes to the host in one copy (one sync), not one .item() each.
         host = torch.cat([distributed.all_reduce_sum(stats, d),
                           torch.stack([step_loss, grad_norm, global_targets]).to(torch.float64)]).tolist()
-        real, len_sq, computed, n_samples, n_images, loss_value, grad_norm_value, target_tokens = host
+        real, len_sq, computed, n_samples, n_images, n_bytes, loss_value, grad_norm_value, target_tokens = host
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -425,6 +504,9 @@ class Trainer:
             "samples_seen": self.samples_seen, "step_time_s": dt, "target_tokens": int(target_tokens),
             "tflops_per_device": flops / dt / d.world_size / 1e12,
             "mfu": None if peak is None else flops / dt / d.world_size / peak,
+            # nats per target token × target tokens / (ln 2 × target bytes): comparable across vocabularies
+            "target_bytes": int(n_bytes),
+            "loss_bits_per_byte": loss_value * target_tokens / (math.log(2) * n_bytes) if n_bytes else None,
         }
 
     def export(self) -> Path:
@@ -479,9 +561,17 @@ class Trainer:
 def run(recipe: Recipe, *, resume: bool = False, show_progress: bool = True) -> int:
     """Train every stage of ``recipe`` and export; 143 when preempted by SIGTERM (checkpoint saved)."""
     backbones.from_name(recipe.model.backbone)  # unknown name → error listing the known ones, before any work
+    check_max_length(recipe)
+    # A folder holds one run: another fingerprint in run.json or the checkpoint stops here, listing the fields.
+    fp = fingerprint_of(recipe)
+    fingerprint_lib.check_run_folder(recipe.output_dir, fp)
+    if resume:
+        ckpt = checkpoint.latest_checkpoint(Path(recipe.output_dir) / "checkpoints")
+        if ckpt is not None:
+            fingerprint_lib.check_checkpoint(checkpoint.read_state(ckpt).fingerprint, ckpt, fp)
     info = distributed.init_distributed()
     try:
-        trainer = Trainer(recipe, info, show_progress=show_progress)
+        trainer = Trainer(recipe, info, show_progress=show_progress, fingerprint=fp)
         try:
             trainer.run(resume=resume)
             trainer.export()
