@@ -163,7 +163,9 @@ def evaluate_one(cfg: dict, backbone: str, run_dir: Path, no_progress: bool) -> 
         else:
             vlm = vlm or ExportedVLM(run_dir / "export")
             items = load_items(data, "synthetic", limit=cfg["eval_limit"])
-            summary = eval_lib.evaluate_to(vlm, items, out, cfg["max_new_tokens"], progress=not no_progress)
+            # resume: records are appended item by item, so an interrupted evaluation continues where it stopped
+            summary = eval_lib.evaluate_to(vlm, items, out, cfg["max_new_tokens"], progress=not no_progress,
+                                           resume=True)
         summaries[data.stem] = summary
     stab = eval_dir / "stability.json"
     if cfg["stability_items"] and not stab.exists():

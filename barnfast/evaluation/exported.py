@@ -119,6 +119,15 @@ class ExportedVLM:
         return out
 
     @torch.no_grad()
+    def next_token_logprobs(self, prompt_ids: list[int], pixel_values: torch.Tensor | None) -> np.ndarray:
+        """``(V,)`` float64 log-probabilities of the token that follows the prompt (one forward, the last
+        position's logits only): what first-token option scoring reads."""
+        ids = torch.tensor([prompt_ids], device=self.device)
+        pv = pixel_values.to(self.device, self.model.dtype) if pixel_values is not None else None
+        logits = self.model(input_ids=ids, pixel_values=pv, logits_to_keep=1).logits[0, -1]
+        return torch.log_softmax(logits.float(), dim=-1).double().cpu().numpy()
+
+    @torch.no_grad()
     def greedy(self, prompt_ids: list[int], pixel_values: torch.Tensor | None, max_new_tokens: int = 32,
                ) -> tuple[list[int], list[float], bool]:
         """Greedy decoding with the KV cache until a stop token: (answer ids without the stop token,

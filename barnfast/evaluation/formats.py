@@ -23,8 +23,11 @@ Formats (``--format``; ``auto`` tells them apart by their fields):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from barnfast.errors import SampleError
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
@@ -89,9 +92,36 @@ def _yes_no(text: str) -> str:
     return t
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def check_item(item: EvalItem) -> None:
+    """SampleError for an item that cannot be scored as written: a text-only item whose prompt has an
+    ``<image>`` placeholder (there is no image to put there), or an item with an image whose prompt has
+    more than one placeholder."""
+    n = item.prompt.count(IMAGE_PLACEHOLDER)
+    if item.image is None and n:
+        raise SampleError(f"text-only item (no image) but its prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s)")
+    if item.image is not None and n > 1:
+        raise SampleError(f"one image but {n} {IMAGE_PLACEHOLDER} placeholders in the prompt")
+
+
+def _record_id(r, k: int) -> str:
+    if isinstance(r, dict):
+        for key in ("question_id", "id", "pid"):
+            if r.get(key) is not None:
+                return str(r[key])
+    return f"#{k}"
+
+
 def load_items(path: str | Path, fmt: str = "auto", image_root: str | Path | None = None,
-               split: str = "test", limit: int | None = None) -> list[EvalItem]:
-    """The items of an evaluation file (the first ``limit`` when given)."""
+               split: str = "test", limit: int | None = None, skipped: list[dict] | None = None) -> list[EvalItem]:
+    """The items of an evaluation file (the first ``limit`` when given).
+
+    A record that cannot be an item (a required field missing, a text-only prompt with ``<image>``, a
+    multiple-choice question without ``options``, ...) raises a ValueError naming its id; with a list as
+    ``skipped``, it is left out and listed there as ``{"id", "reason"}`` instead, as training does with
+    bad samples."""
     path = Path(path)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -103,22 +133,35 @@ def load_items(path: str | Path, fmt: str = "auto", image_root: str | Path | Non
     else:
         if isinstance(records, dict):
             raise ValueError(f"format {fmt!r} expects one record per line or a JSON list")
-        items = {"synthetic": _synthetic, "pope": _pope, "llava": _llava}[fmt](records, root, path)
+        parse = {"synthetic": _synthetic_one, "pope": _pope_one, "llava": _llava_one}[fmt]
+        items = []
+        for k, r in enumerate(records[:limit] if limit is not None else records):
+            try:
+                if not isinstance(r, dict):
+                    raise SampleError(f"record is a {type(r).__name__}, not an object")
+                item = parse(r, root, path)
+                check_item(item)
+            except (KeyError, TypeError, ValueError) as exc:
+                reason = f"missing required field {exc}" if isinstance(exc, KeyError) else str(exc)
+                if skipped is None:
+                    raise ValueError(f"{path}: item {_record_id(r, k)}: {reason}") from None
+                skipped.append({"id": _record_id(r, k), "reason": reason})
+                continue
+            items.append(item)
     return items[:limit] if limit is not None else items
 
 
-def _synthetic(records, root: Path, path: Path) -> list[EvalItem]:
-    return [EvalItem(id=str(r["question_id"]), task=r["task"], category=r["category"], prompt=r["prompt"],
-                     answer=str(r["answer"]), image=root / r["image"] if r.get("image") else None,
-                     answers=[str(a) for a in r.get("answers", [r["answer"]])], options=r.get("options"))
-            for r in records]
+def _synthetic_one(r, root: Path, path: Path) -> EvalItem:
+    return EvalItem(id=str(r["question_id"]), task=r["task"], category=r["category"], prompt=r["prompt"],
+                    answer=str(r["answer"]), image=root / r["image"] if r.get("image") else None,
+                    answers=[str(a) for a in r.get("answers", [r["answer"]])], options=r.get("options"))
 
 
-def _pope(records, root: Path, path: Path) -> list[EvalItem]:
+def _pope_one(r, root: Path, path: Path) -> EvalItem:
     subset = path.stem.rsplit("_", 1)[-1] if "_" in path.stem else path.stem  # coco_pope_adversarial → adversarial
-    return [EvalItem(id=str(r["question_id"]), task="yesno", category=str(r.get("category", subset)),
-                     prompt=f"{r['text'].strip()}\n{SHORT_ANSWER}", answer=_yes_no(r["label"]),
-                     image=root / r["image"], answers=[_yes_no(r["label"])]) for r in records]
+    return EvalItem(id=str(r["question_id"]), task="yesno", category=str(r.get("category", subset)),
+                    prompt=f"{r['text'].strip()}\n{SHORT_ANSWER}", answer=_yes_no(r["label"]),
+                    image=root / r["image"], answers=[_yes_no(r["label"])])
 
 
 def _scienceqa(problems: dict, root: Path, split: str) -> list[EvalItem]:
@@ -137,22 +180,27 @@ def _scienceqa(problems: dict, root: Path, split: str) -> list[EvalItem]:
     return items
 
 
-def _llava(records, root: Path, path: Path) -> list[EvalItem]:
-    items = []
-    for r in records:
-        prompt = r.get("text", r.get("prompt"))
-        if prompt is None:
-            raise ValueError(f"{path}: record {r.get('question_id')} has neither 'text' nor 'prompt'")
-        answers = r.get("answers") or [r.get("answer", r.get("label"))]
-        if answers[0] is None:
-            raise ValueError(f"{path}: record {r.get('question_id')} has no 'answer', 'answers' or 'label'")
-        answers = [str(a["answer"]) if isinstance(a, dict) else str(a) for a in answers]
-        answer = str(r.get("answer", answers[0]))
-        options = r.get("options")
-        task = "mc" if options else ("yesno" if answer.strip().lower() in ("yes", "no") else "open")
-        if task == "yesno":
-            answer = answer.strip().lower()
-        items.append(EvalItem(id=str(r["question_id"]), task=task, category=str(r.get("category", "all")),
-                              prompt=prompt, answer=answer, image=root / r["image"] if r.get("image") else None,
-                              answers=answers, options=options))
-    return items
+_LETTER_OPTION_LINE = re.compile(r"^\s*\(?[A-Z][.):]\s", re.MULTILINE)
+
+
+def _llava_one(r, root: Path, path: Path) -> EvalItem:
+    prompt = r.get("text", r.get("prompt"))
+    if prompt is None:
+        raise SampleError("has neither 'text' nor 'prompt'")
+    answers = r.get("answers") or [r.get("answer", r.get("label"))]
+    if answers[0] is None:
+        raise SampleError("has no 'answer', 'answers' or 'label'")
+    answers = [str(a["answer"]) if isinstance(a, dict) else str(a) for a in answers]
+    answer = str(r.get("answer", answers[0]))
+    options = r.get("options")
+    if not options and re.fullmatch(r"[A-Z]", answer.strip()) and (
+            LETTER_ANSWER in prompt or len(_LETTER_OPTION_LINE.findall(prompt)) >= 2):
+        # Scored as an open answer it would be exact match on a letter: flag it instead of mis-scoring it.
+        raise SampleError(f"looks like multiple choice (answer {answer!r}, lettered options in the prompt) "
+                          "but has no 'options' mapping")
+    task = "mc" if options else ("yesno" if answer.strip().lower() in ("yes", "no") else "open")
+    if task == "yesno":
+        answer = answer.strip().lower()
+    return EvalItem(id=str(r["question_id"]), task=task, category=str(r.get("category", "all")),
+                    prompt=prompt, answer=answer, image=root / r["image"] if r.get("image") else None,
+                    answers=answers, options=options)
