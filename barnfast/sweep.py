@@ -427,7 +427,9 @@ def evaluate_one(cfg: dict, backbone: str, run_dir: Path, no_progress: bool) -> 
         else:
             vlm = vlm or ExportedVLM(run_dir / "export")
             items = load_items(spec["path"], spec["format"], spec["image_root"], limit=cfg["eval_limit"])
-            summary = eval_lib.evaluate_to(vlm, items, out, cfg["max_new_tokens"], progress=not no_progress)
+            # resume: records are appended item by item, so an interrupted evaluation continues where it stopped
+            summary = eval_lib.evaluate_to(vlm, items, out, cfg["max_new_tokens"], progress=not no_progress,
+                                           resume=True)
         summary["format"] = spec["format"]
         if "benchmark" not in summary:  # the benchmark's own numbers: MME acc+, MMBench circular, TextVQA ...
             from barnfast.evaluation.formats import benchmark_scores

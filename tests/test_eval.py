@@ -92,9 +92,13 @@ def test_option_loglikelihood_batched_equals_unbatched_forward():
     probs = rec["option_probs"]
     assert set(probs) == set(item.options) and sum(probs.values()) == pytest.approx(1.0)
     assert rec["prediction"] == max(probs, key=probs.get) and rec["confidence"] == pytest.approx(max(probs.values()))
-    expected = np.array([batched[i].sum() for i in range(len(item.options))])
+    # first-token scoring: each option letter's first answer token, read from one forward of the prompt
+    assert rec["scoring"] == "first_token"
+    expected = np.array([batched[i][0] for i in range(len(item.options))])
+    np.testing.assert_allclose(expected, [vlm.next_token_logprobs(prompt, pv)[c[0]] for c in conts[:4]],
+                               rtol=1e-4, atol=1e-4)
     expected = np.exp(expected - expected.max()) / np.exp(expected - expected.max()).sum()
-    np.testing.assert_allclose(list(probs.values()), expected, rtol=1e-6)
+    np.testing.assert_allclose(list(probs.values()), expected, rtol=1e-4, atol=1e-6)
     assert rec["correct"] == (rec["prediction"] == item.answer)
 
 
@@ -129,6 +133,195 @@ def test_eval_cli_writes_records_and_summary(tmp_path):
     summary = json.loads((tmp_path / "yesno.summary.json").read_text())
     assert summary["accuracy"] == pytest.approx(np.mean([r["correct"] for r in recs]))
     assert summary["pope"]["yes_ratio"] == pytest.approx(np.mean([r["prediction"] == "yes" for r in recs]))
+
+
+class _StubVLM:
+    """Hand-built token log-probabilities: option "A" is one token (10), option "D" two (20, 21), as "D"
+    was in the LLaMA-1 tiny tokenizer before its fix. D's first token is the more likely one."""
+
+    TOKENS = {"A": [10], "D": [20, 21], "yes": [30], "Yes": [31], "no": [40], "No": [41]}
+    LOGP = {10: -1.0, 20: -0.5, 21: -1.0, 30: -2.0, 31: -2.0, 40: -1.5, 41: -3.0}
+
+    def prompt_ids(self, prompt, num_images=1):
+        return [1, 2, 3]
+
+    def answer_ids(self, prompt, answer, num_images=1, include_stop=True):
+        return list(self.TOKENS[answer]) + ([2] if include_stop else [])
+
+    def next_token_logprobs(self, prompt_ids, pixel_values):
+        out = np.full(64, -50.0)
+        for tok, lp in self.LOGP.items():
+            out[tok] = lp
+        return out
+
+    def continuation_logprobs(self, prompt_ids, continuations, pixel_values, with_greedy=False):
+        return [np.array([self.LOGP[t] for t in c]) for c in continuations]
+
+
+def test_option_scoring_does_not_depend_on_the_number_of_tokens_of_an_option():
+    vlm = _StubVLM()
+    item = EvalItem(id="q", task="mc", category="colour", prompt="Which?\nA. red\nD. blue", answer="D",
+                    options={"A": "red", "D": "blue"})
+    summed = {k: sum(vlm.LOGP[t] for t in vlm.TOKENS[k]) for k in item.options}
+    assert max(summed, key=summed.get) == "A"  # the unfair sum: D pays for its second token and loses
+    first = eval_lib.score_choices(vlm, item, None, {k: (k,) for k in item.options})
+    assert first["prediction"] == "D" and first["scoring"] == "first_token"
+    assert first["option_probs"]["D"] == pytest.approx(1 / (1 + math.exp(-0.5)))
+    mean = eval_lib.score_choices(vlm, item, None, {k: (k,) for k in item.options}, method="mean")
+    assert mean["prediction"] == "D" and mean["option_logprobs"]["D"] == pytest.approx(-0.75)
+    # yes/no: each label sums its two spellings' probabilities (first token of each)
+    yn = eval_lib.score_choices(vlm, EvalItem(id="y", task="yesno", category="c", prompt="?", answer="no"), None,
+                                eval_lib.YES_NO_SPELLINGS)
+    assert yn["option_logprobs"]["yes"] == pytest.approx(np.logaddexp(-2.0, -2.0))
+    assert yn["prediction"] == "no"
+
+
+def test_option_scoring_falls_back_to_mean_when_labels_share_a_first_token():
+    vlm = _StubVLM()
+    vlm.TOKENS = {**vlm.TOKENS, "B": [20, 10]}  # B and D both start with token 20
+    item = EvalItem(id="q", task="mc", category="c", prompt="?", answer="D", options={"B": "x", "D": "y"})
+    out = eval_lib.score_choices(vlm, item, None, {k: (k,) for k in item.options})
+    assert out["scoring"] == "mean"
+    assert out["option_logprobs"] == pytest.approx({"B": -0.75, "D": -0.75})
+
+
+def test_tiny_tokenizers_keep_letters_yes_no_and_the_synthetic_words_whole():
+    from barnfast.data import synthetic
+    from barnfast.models.backbones import from_name
+
+    words = [*synthetic.COLOURS, *synthetic.SHAPES, *map(str, synthetic.COUNTS), *synthetic.POSITIONS,
+             "yes", "no", "Yes", "No", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+    for name in ("llama1-tiny", "llama2-tiny", "llama3-tiny"):
+        tok = from_name(name).load_tokenizer()
+        # as chat.py tokenizes an answer: a continuation of a special token, " D" after "ASSISTANT:" in
+        # vicuna / llama_2, "D" on its own after the header's "\n\n" segment in llama_3
+        pre = "" if name == "llama3-tiny" else " "
+        split = {w: tok.convert_ids_to_tokens(tok.encode(tok.eos_token + pre + w, add_special_tokens=False)[1:])
+                 for w in words}
+        bad = {w: t for w, t in split.items() if len(t) != 1}
+        assert not bad, f"{name}: answers split into several tokens: {bad}"
+        assert tok.bos_token_id == (1 if name != "llama3-tiny" else 128000) and len(tok) == (
+            32000 if name != "llama3-tiny" else 128256)
+
+
+def test_eval_prompt_is_the_training_prompt_of_the_same_question():
+    """The ids a stage-2 training sample has before its first labelled token (built with the trainer's own
+    tokenizer, the backbone's, with <image> added) equal the export's evaluation prompt of that question."""
+    from barnfast.data.chat import IGNORE_INDEX, encode_conversation
+    from barnfast.models.backbones import from_name
+    from barnfast.models.vlm import add_image_token
+
+    vlm = _vlm()
+    backbone = from_name(vlm.meta["backbone"])
+    tok = backbone.load_tokenizer()
+    image_token_id = add_image_token(tok)
+    assert image_token_id == vlm.image_token_id
+    stage2 = json.loads((_data() / "stage2.json").read_text())
+    checked = 0
+    for rec in stage2:
+        first = rec["conversations"][0]["value"]
+        if "image" not in rec or not first.startswith("<image>\n"):
+            continue
+        ids, labels = encode_conversation(tok, backbone.chat_template, rec["conversations"][:2],
+                                          image_token_id=image_token_id, num_image_tokens=vlm.num_image_tokens)
+        start = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+        # the eval items' prompt field is the bare question + instruction, the image placeholder goes first
+        assert vlm.prompt_ids(first[len("<image>\n"):], 1) == ids[:start], rec["id"]
+        checked += 1
+    assert checked >= 5
+
+
+def test_export_carries_the_chat_template_and_transformers_gives_the_same_ids():
+    from transformers import AutoProcessor
+
+    from barnfast.data.chat import encode_prompt
+    from barnfast.data.images import load_image
+
+    out, _ = finished_sweep()
+    item = load_items(_data() / "eval_open.jsonl", limit=1)[0]
+    for backbone in BACKBONES:
+        vlm = ExportedVLM(out / backbone / "export", device="cpu")
+        assert vlm.tokenizer.chat_template, f"{backbone}: the exported tokenizer has no chat_template"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.prompt}]},
+                    {"role": "assistant", "content": "red"},
+                    {"role": "user", "content": "How many shapes are there?"}]
+        got = vlm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        got = list(got["input_ids"] if hasattr(got, "keys") else got)
+        conv = [{"from": "human", "value": "<image>\n" + item.prompt}, {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "How many shapes are there?"}]
+        want = encode_prompt(vlm.tokenizer, vlm.template, conv, image_token_id=vlm.image_token_id, num_image_tokens=1)
+        assert got == want, backbone
+        # the processor expands <image> to the tower's slots: the full evaluation prompt, ids for ids
+        proc = AutoProcessor.from_pretrained(out / backbone / "export")
+        assert proc.chat_template == vlm.tokenizer.chat_template
+        text = proc.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+        # add_special_tokens=False: the template writes BOS itself (what apply_chat_template(tokenize=True) passes)
+        ids = proc(text=text, images=load_image(item.image), add_special_tokens=False,
+                   return_tensors="pt")["input_ids"][0].tolist()
+        assert ids == vlm.prompt_ids(item.prompt, 1), backbone
+
+
+def test_eval_cli_appends_per_item_resumes_and_lists_bad_items(tmp_path, monkeypatch):
+    out, _ = finished_sweep()
+    model = str(out / BACKBONES[0] / "export")
+    data = tmp_path / "questions.jsonl"
+    img = str((_data() / "images").resolve())
+    good = [{"question_id": f"g{i}", "image": f"{img}/eval_yesno_{i:05d}.png", "text": "Is it red?",
+             "answer": "no"} for i in range(4)]
+    bad = [{"question_id": "no_image_file", "image": "missing.png", "text": "Is it red?", "answer": "yes"},
+           {"question_id": "no_answer", "image": f"{img}/eval_mc_00000.png", "text": "What is it?"},
+           {"question_id": "text_with_image", "text": "<image>\nWhat colour?", "answer": "red"},
+           {"question_id": "mc_without_options", "image": f"{img}/eval_mc_00000.png", "answer": "B",
+            "text": "Which colour?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in good[:2] + bad + good[2:]))
+    dest = tmp_path / "eval" / "questions.jsonl"
+    args = ["--model", model, "--data", str(data), "--output", str(dest), "--no-progress", "--max-new-tokens", "3"]
+
+    # a crash at the 3rd good item leaves the first two records on disk, each written when it was scored
+    real = eval_lib.score_item
+    calls = []
+
+    def crashing(vlm, item, *a, **k):
+        calls.append(item.id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(vlm, item, *a, **k)
+
+    monkeypatch.setattr(eval_lib, "score_item", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        eval_lib.main(args)
+    first = [json.loads(x) for x in dest.read_text().splitlines()]
+    assert [r["id"] for r in first] == ["g0", "g1"] and not eval_lib.summary_path(dest).exists()
+    with open(dest, "a") as f:
+        f.write('{"id": "g2", "task": "yes')  # a line cut by the crash
+    monkeypatch.setattr(eval_lib, "score_item", real)
+    assert eval_lib.main([*args, "--resume"]) == 0
+    recs = [json.loads(x) for x in dest.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["g0", "g1", "g2", "g3"] and recs[:2] == first
+    summary = json.loads(eval_lib.summary_path(dest).read_text())
+    assert summary["n"] == 4 and summary["n_skipped"] == 4
+    skipped = {s["id"]: s["reason"] for s in map(json.loads, eval_lib.skipped_path(dest).read_text().splitlines())}
+    assert set(skipped) == {r["question_id"] for r in bad}
+    assert "image not found" in skipped["no_image_file"] and "answer" in skipped["no_answer"]
+    assert "<image>" in skipped["text_with_image"] and "options" in skipped["mc_without_options"]
+    for r in recs:  # ablation controls on every item with an image
+        assert set(r["ablation"]) == {"blank", "other"} and r["ablation"]["other"]["image"].startswith("image of g")
+    assert set(summary["ablation"]["yesno"]) >= {"image", "blank", "other", "chance", "n"}
+    with pytest.raises(SystemExit):
+        eval_lib.parse_args([*args[:-2], "--max-new-tokens", "0"])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        eval_lib.evaluate(ExportedVLM(model, device="cpu"), load_items(_data() / "eval_open.jsonl", limit=1), 0)
+
+
+def test_generate_prints_a_hint_when_the_answer_is_empty():
+    vlm = _vlm()
+    assert generate_lib.empty_answer_hint({"text": "red", "token_ids": [5], "logprobs": [-0.1], "stopped": True},
+                                          vlm) is None
+    hint = generate_lib.empty_answer_hint({"text": "", "token_ids": [], "logprobs": [-0.2], "stopped": True}, vlm)
+    assert hint.startswith("hint:") and "end-of-turn" in hint and "0.82" in hint
+    hint = generate_lib.empty_answer_hint({"text": "", "token_ids": [vlm.tokenizer.bos_token_id], "logprobs": [-1, -1],
+                                           "stopped": True}, vlm)
+    assert "special tokens" in hint
 
 
 def test_representation_stability_is_one_without_perturbation_and_lower_with_it():

@@ -176,20 +176,126 @@ def upset_counts(backbones: list[str], matrix: np.ndarray) -> list[dict]:
 # -- figures --------------------------------------------------------------------------------------------
 
 
-def fig_accuracy(acc: dict, path: Path) -> None:
-    backbones = list(acc)
-    groups = [("task", TASKS), ("category", sorted({c for a in acc.values() for c in a["by_category"]}))]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, (kind, names) in zip(axes, groups):
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (well behaved at 0 and 1, unlike k/n ± z·se)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def item_chance(rows: list[dict]) -> list[float]:
+    """Per record, the accuracy of guessing without looking: 1/(number of options) for mc and yes/no;
+    for open answers, the share of the same (task, category) items whose answer is the most frequent
+    one (what a model that always gives that answer scores)."""
+    groups: dict[tuple, Counter] = {}
+    for r in rows:
+        if not r.get("option_probs"):
+            groups.setdefault((r["task"], r["category"]), Counter())[str(r["answer"]).lower()] += 1
+    out = []
+    for r in rows:
+        if r.get("option_probs"):
+            out.append(1.0 / len(r["option_probs"]))
+        else:
+            c = groups[(r["task"], r["category"])]
+            out.append(c.most_common(1)[0][1] / sum(c.values()))
+    return out
+
+
+def accuracy_intervals(records: dict[str, list[dict]]) -> dict:
+    """backbone → {"task"|"category": name → {"k", "n", "acc", "lo", "hi", "chance"}} (Wilson 95%)."""
+    out = {}
+    for b, rows in records.items():
+        chance = item_chance(rows)
+        entry = {}
+        for kind in ("task", "category"):
+            names = sorted({r[kind] for r in rows}, key=lambda x: (TASKS.index(x) if x in TASKS else 9, x))
+            entry[kind] = {}
+            for name in names:
+                idx = [i for i, r in enumerate(rows) if r[kind] == name]
+                k = int(sum(bool(rows[i]["correct"]) for i in idx))
+                lo, hi = wilson_interval(k, len(idx))
+                entry[kind][name] = {"k": k, "n": len(idx), "acc": k / len(idx), "lo": lo, "hi": hi,
+                                     "chance": float(np.mean([chance[i] for i in idx]))}
+        out[b] = entry
+    return out
+
+
+def fig_accuracy(intervals: dict, path: Path) -> None:
+    """Accuracy per task and per category: one bar per backbone with its 95% Wilson interval, and a
+    dashed chance line over each group."""
+    backbones = list(intervals)
+    kinds = ("task", "category")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, kind in zip(axes, kinds):
+        names = list(intervals[backbones[0]][kind])
         width = 0.8 / len(backbones)
         for k, b in enumerate(backbones):
-            vals = [acc[b][f"by_{kind}"].get(n) or 0.0 for n in names]
-            ax.bar(np.arange(len(names)) + k * width, vals, width, label=b)
+            cells = [intervals[b][kind].get(n) for n in names]
+            vals = [c["acc"] if c else 0.0 for c in cells]
+            err = np.array([[c["acc"] - c["lo"], c["hi"] - c["acc"]] if c else [0, 0] for c in cells]).T
+            ax.bar(np.arange(len(names)) + k * width, vals, width, yerr=err, capsize=3, color=f"C{k}",
+                   label=b, error_kw={"elinewidth": 1})
+        for i, n in enumerate(names):
+            ch = float(np.mean([intervals[b][kind][n]["chance"] for b in backbones if n in intervals[b][kind]]))
+            ax.hlines(ch, i - width / 2 - 0.05, i + 0.8 - width / 2 + 0.05, colors="k", linestyles="--", lw=1.2,
+                      label="chance (guessing)" if i == 0 else None)
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.05)
         ax.set_ylabel("accuracy")
-        ax.set_title(f"accuracy per {kind}")
-    axes[0].legend(fontsize=8)
+        ax.set_title(f"accuracy per {kind} (bars: 95% Wilson interval)", fontsize=10)
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ablation_tables(records: dict[str, list[dict]]) -> dict:
+    """backbone → task → accuracy with the item's own image, a blank image and another item's image
+    (over the items that carry both controls), chance, and how often the answer changed."""
+    out = {}
+    for b, rows in records.items():
+        chance = item_chance(rows)
+        entry = {}
+        for task in TASKS:
+            idx = [i for i, r in enumerate(rows) if r["task"] == task and r.get("ablation")]
+            kinds = [k for k in ("blank", "other") if idx and all(k in rows[i]["ablation"] for i in idx)]
+            if not idx or not kinds:
+                continue
+            e = {"n": len(idx), "image": _mean(rows[i]["correct"] for i in idx),
+                 "chance": float(np.mean([chance[i] for i in idx]))}
+            for k in kinds:
+                e[k] = _mean(rows[i]["ablation"][k]["correct"] for i in idx)
+                e[f"changed_{k}"] = _mean(rows[i]["ablation"][k]["prediction"] != rows[i]["prediction"] for i in idx)
+            e["distinct_predictions"] = len({str(rows[i]["prediction"]) for i in idx})
+            entry[task] = e
+        if entry:
+            out[b] = entry
+    return out
+
+
+def fig_ablation(abl: dict, path: Path) -> None:
+    """Per backbone and task: accuracy with the right image, a blank one and another item's image, and chance."""
+    backbones = list(abl)
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.6 * len(backbones), 3.8), squeeze=False)
+    conds = [("image", "right image", "C2"), ("blank", "blank image", "C7"), ("other", "another item's image", "C1")]
+    for ax, b in zip(axes[0], backbones):
+        tasks = list(abl[b])
+        width = 0.8 / len(conds)
+        for k, (key, label, colour) in enumerate(conds):
+            ax.bar(np.arange(len(tasks)) + k * width, [abl[b][t].get(key) or 0.0 for t in tasks], width,
+                   color=colour, label=label)
+        for i, t in enumerate(tasks):
+            ax.hlines(abl[b][t]["chance"], i - width / 2 - 0.05, i + 0.8 - width / 2 + 0.05, colors="k",
+                      linestyles="--", lw=1.2, label="chance (guessing)" if i == 0 else None)
+        ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, [f"{t}\n(n={abl[b][t]['n']})" for t in tasks])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(b, fontsize=10)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("image-ablation control: the same questions with and without the right image", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -225,11 +331,15 @@ def fig_reliability(cal: dict, path: Path) -> None:
         ax.bar([r["lo"] for r in filled], [r["accuracy"] for r in filled], width=w, align="edge",
                edgecolor="k", label="accuracy")
         ax.bar([r["lo"] for r in filled], [r["confidence"] - r["accuracy"] for r in filled], width=w,
-               bottom=[r["accuracy"] for r in filled], align="edge", color="red", alpha=0.3, label="gap")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
+               bottom=[r["accuracy"] for r in filled], align="edge", color="red", alpha=0.3,
+               label="gap to mean confidence")
+        for r in filled:  # per-bin item count, so a bin of 2 items is not read like one of 200
+            ax.text(r["lo"] + w / 2, max(r["accuracy"], r["confidence"]) + 0.01, str(r["count"]), ha="center",
+                    va="bottom", fontsize=6)
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
+        ax.set_ylim(0, 1.08)
+        ax.set_xlabel("confidence (numbers: items per bin)")
         ax.set_title(f"{b}\nECE {c['ece']:.3f}  MCE {c['mce']:.3f}", fontsize=9)
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7)
@@ -240,11 +350,15 @@ def fig_reliability(cal: dict, path: Path) -> None:
 
 def fig_cka(stab: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    styles = {"noise": "-", "shift": "--"}
+    # colour = backbone, line style and marker = perturbation: every curve differs in two ways
+    styles = {"noise": ("-", "o"), "shift": ("--", "s")}
+    n_layers = 0
     for k, (b, s) in enumerate(stab.items()):
         for kind, curve in s["cka"].items():
-            ax.plot(range(len(curve)), curve, styles.get(kind, ":"), color=f"C{k}", marker="o", ms=3,
-                    label=f"{b} ({kind})")
+            ls, marker = styles.get(kind, (":", "^"))
+            ax.plot(range(len(curve)), curve, ls, color=f"C{k}", marker=marker, ms=4, label=f"{b}, {kind}")
+            n_layers = max(n_layers, len(curve))
+    ax.set_xticks(range(n_layers))  # layers are integers: no 0.5 ticks
     ax.set_xlabel("decoder layer (0 = embeddings)")
     ax.set_ylabel("linear CKA, clean vs perturbed")
     ax.set_title("representation stability")
@@ -551,13 +665,18 @@ def build_report(root: Path, bins: int = 15, stability_items: int = 16) -> dict:
     upset = upset_counts(backbones, matrix)
     cal = calibration_tables(records, bins)
     stab = {b: s for b in backbones if (s := load_stability(root, b, stability_items)) is not None}
-    fig_accuracy(acc, figdir / "accuracy.png")
+    intervals = accuracy_intervals(records)
+    abl = ablation_tables(records)
+    fig_accuracy(intervals, figdir / "accuracy.png")
+    if abl:
+        fig_ablation(abl, figdir / "ablation.png")
     fig_upset(backbones, upset, figdir / "overlap_upset.png")
     fig_reliability(cal, figdir / "reliability.png")
     if stab:
         fig_cka(stab, figdir / "cka_stability.png")
     fig_training(training_side(root), figdir / "training_bpb.png")
-    result = {"backbones": backbones, "n_common_items": len(keys), "accuracy": acc, "overlap": pairs,
+    result = {"backbones": backbones, "n_common_items": len(keys), "accuracy": acc,
+              "accuracy_intervals": intervals, "ablation": abl, "overlap": pairs,
               "upset": upset, "calibration": cal, "stability": stab,
               "figures": sorted(str(p.relative_to(root)) for p in figdir.glob("*.png"))}
     result["control"] = load_control(root)
@@ -571,17 +690,46 @@ def build_report(root: Path, bins: int = 15, stability_items: int = 16) -> dict:
     return result
 
 
+def header_line(root: Path, sweep: dict) -> str:
+    """The report's first line, with words where a setting was left at its default (never "None")."""
+    recipe = sweep.get("recipe") or "barnfast.train's default (llava15-tiny for -tiny backbones, else llava15)"
+    steps = sweep.get("max_steps")
+    steps = f"at most {steps} optimizer steps per stage" if steps is not None else "every stage run to its last epoch"
+    seeds = sweep.get("seeds") or ([sweep["seed"]] if sweep.get("seed") is not None else [])
+    seed = ", ".join(map(str, seeds)) + (" (sections 1-4: the first seed)" if len(seeds) > 1 else "")
+    overrides = ", ".join(f"`{x}`" for x in sweep.get("set") or []) or "none"
+    return (f"Sweep: `{root}`; seed(s) {seed or 'not recorded'}, recipe {recipe}, {steps}, "
+            f"recipe overrides: {overrides}; every backbone trained and evaluated on the same data. "
+            "All numbers are in `analysis.json`.")
+
+
+def ablation_section(abl: dict) -> list[str]:
+    """Report lines of the image-ablation control (empty when the records carry none)."""
+    if not abl:
+        return []
+    rows = [[b, t, e["n"], e["image"], e.get("blank"), e.get("other"), e["chance"], e.get("changed_other"),
+             e["distinct_predictions"]] for b, tasks in abl.items() for t, e in tasks.items()]
+    return ["### With and without the right image (image-ablation control)", "",
+            _table(["backbone", "task", "items", "right image", "blank image", "another item's image", "chance",
+                    "answer changed (other image)", "distinct answers"], rows), "",
+            "How computed: every item is answered three times, with its own image, with a blank (white) image and "
+            "with the image of the item half the file away; accuracy over the same items in each column. A model "
+            "that reads the image is far above chance with the right image and near chance without it; a visual "
+            "path that is broken (features of the wrong image, tokens merged at the wrong place) shows as equal "
+            "columns. \"answer changed\" = share of items whose prediction differs between the right and the "
+            "other image.", "", "![ablation](figures/ablation.png)", ""]
+
+
 def render(root: Path, backbones: list[str], r: dict, sweep: dict) -> str:
     acc, cal, stab = r["accuracy"], r["calibration"], r["stability"]
     cats = sorted({c for a in acc.values() for c in a["by_category"]})
     md = [f"# Backbone sweep report: {', '.join(backbones)}", "", *render_control(r["control"]),
-          f"Sweep: `{root}`; seed(s) {', '.join(map(str, sweep.get('seeds') or [sweep.get('seed', 'n/a')]))}"
-          f" (sections 1-4: the first seed), recipe {sweep.get('recipe') or 'default'}, "
-          f"max steps per stage {sweep.get('max_steps')}; every backbone trained and evaluated on the same data. "
-          "All numbers are in `analysis.json`.", "",
+          header_line(root, sweep), "",
           "## Headline", "", headline(backbones, acc, cal, stab), "",
-          "How computed: accuracy = share of items answered correctly (mc: arg-max option log-likelihood; "
-          "yes/no: the more likely of yes/no; open: normalised exact match of the greedy answer); perception = "
+          "How computed: accuracy = share of items answered correctly (mc: the option letter whose first answer "
+          "token is the most likely, as lmms-eval reads the generated letter, so an option's token count cannot "
+          "matter; yes/no: the more likely of yes/Yes vs no/No, first token likewise; open: normalised exact match "
+          "of the greedy answer); perception = "
           "colour + shape items, reasoning = count + position items, over all tasks; POPE F1 with \"yes\" the "
           "positive class; ECE over 15 equal-width confidence bins and top-label Brier over the mc and yes/no "
           "items; mean CKA = linear CKA of clean vs noisy-image hidden states averaged over layers.", "",
@@ -606,6 +754,9 @@ def render(root: Path, backbones: list[str], r: dict, sweep: dict) -> str:
           "How computed: \"yes\" is the positive class; precision = TP/(TP+FP), recall = TP/(TP+FN), "
           "F1 their harmonic mean, yes-ratio = share of \"yes\" predictions.", "",
           "![accuracy](figures/accuracy.png)", "",
+          "Bars: 95% Wilson score intervals; dashed lines: chance (mc and yes/no: 1/number of options; open: "
+          "the share of items whose answer is the most frequent one of their category).", "",
+          *ablation_section(r.get("ablation") or {}),
           "## 2. Overlap: more or different questions?", "",
           f"Over the {r['n_common_items']} items every backbone answered (all tasks), for each pair in sweep "
           "order (old → new).", "",
@@ -629,7 +780,7 @@ def render(root: Path, backbones: list[str], r: dict, sweep: dict) -> str:
                    cal[b].get("closed", {}).get("multiclass_brier"), cal[b].get("open", {}).get("ece"),
                    cal[b].get("open", {}).get("brier")] for b in backbones]), "",
           "How computed: over the mc and yes/no items, confidence = softmax probability of the chosen option "
-          "(over the options' summed answer-token log-likelihoods); 15 equal-width bins (b/15, (b+1)/15]; "
+          "(over the options' first-answer-token log-probabilities); 15 equal-width bins (b/15, (b+1)/15]; "
           "ECE = Σ_bins (n_bin/N)·|accuracy − mean confidence|, MCE = the largest bin gap; top-label Brier = "
           "mean (confidence − correct)²; multi-class Brier = mean Σ_options (p − 1[option is right])². Open "
           "answers: confidence = geometric mean of the greedy tokens' probabilities (stop token included).", "",

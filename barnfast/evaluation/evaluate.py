@@ -39,14 +39,27 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from barnfast.errors import SampleError
 from barnfast.evaluation import scores
 from barnfast.evaluation.exported import ExportedVLM
 from barnfast.evaluation.formats import FORMATS, EvalItem, load_items
 
 YES_NO_SPELLINGS = {"yes": ("yes", "Yes"), "no": ("no", "No")}
+# How mc / yes-no answers are scored (``--option-scoring``):
+# - first_token: log p(first answer token | prompt), as lmms-eval / MMBench read the option letter the
+#   model generates first; independent of how many tokens an answer takes, one forward per item.
+# - mean: length-normalised log-likelihood (mean over the answer's tokens, the stop token excluded).
+# first_token falls back to mean for an item whose labels share a first token (multi-token answers).
+OPTION_SCORING = ("first_token", "mean")
+# Image-ablation controls (``--ablation``): each item again with its image replaced.
+# - blank: a white image of the tower's input size (the synthetic scenes' background is near-white,
+#   225-255, so this is the scene without its shapes);
+# - other: the image of the item half the file away (index i + n//2 mod n), a real image of another scene.
+ABLATIONS = ("blank", "other")
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -54,56 +67,180 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def score_choices(vlm: ExportedVLM, item: EvalItem, pixel_values, choices: dict[str, tuple[str, ...]]) -> dict:
-    """Probabilities of ``choices`` (label → spellings) as the answer: a spelling's likelihood is its
-    answer tokens' summed log-probability; a label's is the sum over its spellings; softmax over labels."""
-    prompt = vlm.prompt_ids(item.prompt, 1 if item.image is not None else 0)
-    n_img = 1 if item.image is not None else 0
+def score_choices(vlm: ExportedVLM, item: EvalItem, pixel_values, choices: dict[str, tuple[str, ...]],
+                  method: str = "first_token") -> dict:
+    """Probabilities of ``choices`` (label → spellings) as the answer, softmax over labels.
+
+    A spelling's score is (``method``, see :data:`OPTION_SCORING`) the log-probability of its first answer
+    token, or the mean log-probability of its answer tokens; a label's score is the log-sum-exp over its
+    spellings. The answer tokens are those training labels (``ExportedVLM.answer_ids``, stop token dropped).
+    """
+    if method not in OPTION_SCORING:
+        raise ValueError(f"option scoring must be one of {OPTION_SCORING}, got {method!r}")
+    n_img = 1 if pixel_values is not None else 0
+    prompt = vlm.prompt_ids(item.prompt, n_img)
     flat = [(label, s) for label, spellings in choices.items() for s in spellings]
-    conts = [vlm.answer_ids(item.prompt, s, n_img) for _, s in flat]
-    lps = vlm.continuation_logprobs(prompt, conts, pixel_values)
+    conts = [vlm.answer_ids(item.prompt, s, n_img, include_stop=False) for _, s in flat]
+    first_of: dict[int, set[str]] = defaultdict(set)
+    for (label, _), c in zip(flat, conts):
+        first_of[c[0]].add(label)
+    used = method
+    if method == "first_token" and any(len(labels) > 1 for labels in first_of.values()):
+        used = "mean"  # two labels begin with the same token: the first token cannot tell them apart
+    if used == "first_token":
+        logp = vlm.next_token_logprobs(prompt, pixel_values)
+        scores_ = [float(logp[c[0]]) for c in conts]
+    else:
+        scores_ = [float(lp.mean()) for lp in vlm.continuation_logprobs(prompt, conts, pixel_values)]
     per_label: dict[str, list[float]] = defaultdict(list)
-    for (label, _), lp in zip(flat, lps):
-        per_label[label].append(float(lp.sum()))
+    for (label, _), sc in zip(flat, scores_):
+        per_label[label].append(sc)
     labels = list(choices)
     totals = np.array([np.logaddexp.reduce(per_label[label]) for label in labels])
     probs = _softmax(totals)
     best = int(probs.argmax())
     return {"prediction": labels[best], "confidence": float(probs[best]),
             "option_probs": {label: float(p) for label, p in zip(labels, probs)},
-            "option_logprobs": {label: float(t) for label, t in zip(labels, totals)}}
+            "option_logprobs": {label: float(t) for label, t in zip(labels, totals)}, "scoring": used}
 
 
-def score_item(vlm: ExportedVLM, item: EvalItem, max_new_tokens: int = 16) -> dict:
-    """The record of one item (see the module docstring)."""
+def _answer(vlm: ExportedVLM, item: EvalItem, pv, max_new_tokens: int, option_scoring: str) -> dict:
+    """Prediction fields of ``item`` answered with the pixels ``pv`` (None: text only)."""
+    if item.task == "mc":
+        out = score_choices(vlm, item, pv, {k: (k,) for k in item.options}, option_scoring)
+        return {**out, "correct": out["prediction"] == item.answer}
+    if item.task == "yesno":
+        out = score_choices(vlm, item, pv, YES_NO_SPELLINGS, option_scoring)
+        return {**out, "correct": out["prediction"] == item.answer}
+    prompt = vlm.prompt_ids(item.prompt, 1 if pv is not None else 0)
+    ids, logps, stopped = vlm.greedy(prompt, pv, max_new_tokens=max_new_tokens)
+    pred = vlm.decode(ids)
+    refs = item.answers or [item.answer]
+    return {"prediction": pred, "correct": scores.exact_match(pred, [item.answer, *refs]),
+            "confidence": float(math.exp(np.mean(logps))), "option_probs": None, "answer_logprobs": logps,
+            "stopped": stopped, "vqa_accuracy": scores.vqa_accuracy(pred, refs) if len(refs) > 1 else None}
+
+
+def blank_image(vlm: ExportedVLM) -> PIL.Image.Image:
+    """The ``blank`` ablation's image: white, at the tower's input size."""
+    size = vlm.vision.image_size
+    return PIL.Image.new("RGB", (size, size), (255, 255, 255))
+
+
+def score_item(vlm: ExportedVLM, item: EvalItem, max_new_tokens: int = 16, option_scoring: str = "first_token",
+               ablations: dict[str, tuple[str, object]] | None = None) -> dict:
+    """The record of one item (see the module docstring).
+
+    ``ablations``: name → (what replaced the image, a PIL image or path); each adds
+    ``record["ablation"][name] = {"prediction", "correct", "image"}`` for the item answered with that
+    image instead of its own. Text-only items get none.
+    """
+    if max_new_tokens < 1 and item.task == "open":
+        raise ValueError(f"max_new_tokens must be >= 1 for open answers, got {max_new_tokens}")
     pv = vlm.pixel_values([item.image]) if item.image is not None else None
     rec = {"id": item.id, "task": item.task, "category": item.category, "answer": item.answer}
-    if item.task == "mc":
-        out = score_choices(vlm, item, pv, {k: (k,) for k in item.options})
-        rec.update(out, correct=out["prediction"] == item.answer)
-    elif item.task == "yesno":
-        out = score_choices(vlm, item, pv, YES_NO_SPELLINGS)
-        rec.update(out, correct=out["prediction"] == item.answer)
-    else:
-        prompt = vlm.prompt_ids(item.prompt, 1 if pv is not None else 0)
-        ids, logps, stopped = vlm.greedy(prompt, pv, max_new_tokens=max_new_tokens)
-        pred = vlm.decode(ids)
-        refs = item.answers or [item.answer]
-        rec.update(prediction=pred, correct=scores.exact_match(pred, [item.answer, *refs]),
-                   confidence=float(math.exp(np.mean(logps))), option_probs=None, answer_logprobs=logps,
-                   stopped=stopped, vqa_accuracy=scores.vqa_accuracy(pred, refs) if len(refs) > 1 else None)
+    rec.update(_answer(vlm, item, pv, max_new_tokens, option_scoring))
+    if ablations and pv is not None:
+        rec["ablation"] = {}
+        for name, (what, image) in ablations.items():
+            out = _answer(vlm, item, vlm.pixel_values([image]), max_new_tokens, option_scoring)
+            rec["ablation"][name] = {"prediction": out["prediction"], "correct": out["correct"], "image": what}
     return rec
 
 
-def evaluate(vlm: ExportedVLM, items: list[EvalItem], max_new_tokens: int = 16, progress: bool = True) -> list[dict]:
-    return [score_item(vlm, it, max_new_tokens) for it in tqdm(items, disable=not progress, desc="eval")]
+def _ablation_plan(vlm: ExportedVLM, items: list[EvalItem], kinds) -> list[dict | None]:
+    """Per item, the ablations to run (see :data:`ABLATIONS`); None for text-only items."""
+    unknown = set(kinds) - set(ABLATIONS)
+    if unknown:
+        raise ValueError(f"unknown ablations {sorted(unknown)}; known: {', '.join(ABLATIONS)}")
+    with_image = [i for i, it in enumerate(items) if it.image is not None]
+    pos = {i: k for k, i in enumerate(with_image)}
+    blank = blank_image(vlm) if "blank" in kinds else None
+    plans: list[dict | None] = []
+    for i, it in enumerate(items):
+        if it.image is None or not kinds:
+            plans.append(None)
+            continue
+        plan = {}
+        if "blank" in kinds:
+            plan["blank"] = ("blank", blank)
+        n = len(with_image)
+        if "other" in kinds and n > 1:
+            j = with_image[(pos[i] + max(1, n // 2)) % n]
+            plan["other"] = (f"image of {items[j].id}", items[j].image)
+        plans.append(plan)
+    return plans
 
 
-def summarize(records: list[dict], n_bins: int = 15) -> dict:
+def _check_item(item: EvalItem) -> None:
+    """SampleError naming the problem of an item that cannot be scored (before any model work)."""
+    if item.image is not None and not Path(item.image).is_file():
+        raise SampleError(f"image not found: {item.image}")
+
+
+def evaluate(vlm: ExportedVLM, items: list[EvalItem], max_new_tokens: int = 16, progress: bool = True,
+             option_scoring: str = "first_token", ablations=ABLATIONS, sink=None,
+             skipped: list[dict] | None = None) -> list[dict]:
+    """Records of ``items`` in order. ``sink(record)`` is called as each one is computed (the CLI appends
+    it to the JSONL file). An item whose image is missing or unreadable is left out and, when ``skipped``
+    is a list, listed there as ``{"id", "reason"}`` (else the SampleError is raised)."""
+    if max_new_tokens < 1 and any(it.task == "open" for it in items):
+        raise ValueError(f"max_new_tokens must be >= 1 for open answers, got {max_new_tokens}")
+    plans = _ablation_plan(vlm, items, tuple(ablations or ()))
+    records = []
+    for it, plan in zip(tqdm(items, disable=not progress, desc="eval"), plans):
+        try:
+            _check_item(it)
+            if plan:  # a missing substitute image is the ablation's problem, not the item's: drop that control
+                plan = {k: v for k, v in plan.items() if not isinstance(v[1], Path) or v[1].is_file()}
+            rec = score_item(vlm, it, max_new_tokens, option_scoring, plan)
+        except SampleError as exc:
+            if skipped is None:
+                raise SampleError(f"item {it.id}: {exc}") from None
+            skipped.append({"id": it.id, "reason": str(exc)})
+            continue
+        records.append(rec)
+        if sink is not None:
+            sink(rec)
+    return records
+
+
+def chance_accuracy(records: list[dict]) -> float | None:
+    """Expected accuracy of a uniform random guess: mean 1/(number of options) over mc / yes-no
+    records; None for open answers (no finite answer set)."""
+    closed = [r for r in records if r.get("option_probs")]
+    if not closed or len(closed) != len(records):
+        return None
+    return float(np.mean([1.0 / len(r["option_probs"]) for r in closed]))
+
+
+def ablation_summary(records: list[dict]) -> dict:
+    """Per task: accuracy with the item's own image and with each ablation, over the items that have
+    every control (so the columns compare the same items), and the chance level."""
+    out = {}
+    for task in sorted({r["task"] for r in records}):
+        rows = [r for r in records if r["task"] == task and r.get("ablation")]
+        if not rows:
+            continue
+        kinds = sorted(set.intersection(*(set(r["ablation"]) for r in rows)))
+        rows_all = [r for r in rows if all(k in r["ablation"] for k in kinds)]
+        entry = {"n": len(rows_all), "image": float(np.mean([r["correct"] for r in rows_all])),
+                 "chance": chance_accuracy(rows_all)}
+        for k in kinds:
+            entry[k] = float(np.mean([r["ablation"][k]["correct"] for r in rows_all]))
+            # Answers that change with the image: how often the ablated prediction differs from the real one.
+            entry[f"changed_{k}"] = float(np.mean([r["ablation"][k]["prediction"] != r["prediction"]
+                                                   for r in rows_all]))
+        out[task] = entry
+    return out
+
+
+def summarize(records: list[dict], n_bins: int = 15, skipped: list[dict] | None = None) -> dict:
     """Accuracy overall / per task / per category, POPE metrics (yes/no), exact match and VQA accuracy
-    (open), calibration (ECE, MCE, Brier over ``n_bins`` equal-width bins)."""
+    (open), calibration (ECE, MCE, Brier over ``n_bins`` equal-width bins), the image-ablation controls
+    and the skipped items."""
     if not records:
-        raise ValueError("no records to summarise")
+        raise ValueError("no records to summarise" + (f" ({len(skipped)} items skipped)" if skipped else ""))
     out: dict = {"n": len(records), "accuracy": float(np.mean([r["correct"] for r in records]))}
     for key in ("task", "category"):
         groups = defaultdict(list)
@@ -119,8 +256,16 @@ def summarize(records: list[dict], n_bins: int = 15) -> dict:
         out["open_exact_match"] = float(np.mean([r["correct"] for r in op]))
         vqa = [r["vqa_accuracy"] for r in op if r.get("vqa_accuracy") is not None]
         out["open_vqa_accuracy"] = float(np.mean(vqa)) if vqa else None
+    used = sorted({r["scoring"] for r in records if r.get("scoring")})
+    if used:
+        out["option_scoring"] = used
     cal = scores.calibration([r["confidence"] for r in records], [r["correct"] for r in records], n_bins)
     out["calibration"] = {k: cal[k] for k in ("ece", "mce", "brier", "n", "n_bins")}
+    abl = ablation_summary(records)
+    if abl:
+        out["ablation"] = abl
+    out["n_skipped"] = len(skipped or [])
+    out["skipped"] = list(skipped or [])
     return out
 
 
@@ -180,7 +325,7 @@ def write_records(records: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)  # a complete file or none: the sweep treats an existing file as done
+    tmp.replace(path)
 
 
 def summary_path(records_path: Path) -> Path:
@@ -188,14 +333,71 @@ def summary_path(records_path: Path) -> Path:
     return records_path.with_name(records_path.stem + ".summary.json")
 
 
+def skipped_path(records_path: Path) -> Path:
+    """``eval/eval_mc.jsonl`` -> ``eval/eval_mc.skipped.jsonl``: ``{"id", "reason"}`` per item left out."""
+    return records_path.with_name(records_path.stem + ".skipped.jsonl")
+
+
+def read_partial(path: Path) -> list[dict]:
+    """The complete records of a JSONL file written item by item; a last line cut by a crash is dropped
+    (and removed from the file, so appending continues on a line boundary)."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records, good = [], 0
+    for line in lines:
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line) + 1
+    if good < len(text):
+        with open(path, "r+", encoding="utf-8") as f:
+            f.truncate(len(text[:good].encode("utf-8")))
+    return records
+
+
 def evaluate_to(vlm: ExportedVLM, items: list[EvalItem], out: Path, max_new_tokens: int = 16,
-                progress: bool = True) -> dict:
-    """Evaluate ``items``, write the records to ``out`` and the summary beside it; return the summary."""
-    records = evaluate(vlm, items, max_new_tokens, progress=progress)
-    summary = summarize(records)
-    write_records(records, out)
-    summary_path(out).write_text(json.dumps(summary, indent=2))
+                progress: bool = True, resume: bool = False, skipped: list[dict] | None = None,
+                option_scoring: str = "first_token", ablations=ABLATIONS) -> dict:
+    """Evaluate ``items``, appending each record to ``out`` as it is computed (flushed), then write the
+    summary beside it (atomically: its presence means the file is complete) and return it.
+
+    ``resume``: keep the records already in ``out`` and score only the items not in it. ``skipped``:
+    items already refused when the file was read (``{"id", "reason"}``); items whose image turns out
+    missing or unreadable are added; all go to ``<stem>.skipped.jsonl`` and the summary.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_partial(out) if resume else []
+    done_keys = {(r["task"], r["id"]) for r in done}
+    todo = [it for it in items if (it.task, it.id) not in done_keys]
+    skipped = list(skipped or [])
+    summary_path(out).unlink(missing_ok=True)
+    with open(out, "a" if resume else "w", encoding="utf-8") as f:
+        def sink(rec):
+            f.write(json.dumps(rec) + "\n")
+            f.flush()  # one item at a time: a crash loses at most the item being scored
+
+        new = evaluate(vlm, todo, max_new_tokens, progress=progress, option_scoring=option_scoring,
+                       ablations=ablations, sink=sink, skipped=skipped)
+    summary = summarize(done + new, skipped=skipped)
+    if skipped:
+        skipped_path(out).write_text("".join(json.dumps(s) + "\n" for s in skipped))
+    tmp = summary_path(out).with_name(summary_path(out).name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(summary_path(out))
     return summary
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (an open answer needs at least one token), got {value}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -207,8 +409,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-root", default=None, help="image folder (default: the data file's folder)")
     p.add_argument("--split", default="test", help="ScienceQA split")
     p.add_argument("--limit", type=int, default=None, help="first N items only")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    p.add_argument("--option-scoring", default="first_token", choices=OPTION_SCORING,
+                   help="mc / yes-no: log p of the answer's first token, or the length-normalised likelihood")
+    p.add_argument("--ablation", default=",".join(ABLATIONS),
+                   help="image-ablation controls, comma-separated (blank, other; '' for none)")
     p.add_argument("--output", default=None, help="JSONL of records (default: <run>/eval/<data stem>.jsonl)")
+    p.add_argument("--resume", action="store_true", help="keep the records already in --output, score the rest")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -216,12 +423,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    items = load_items(args.data, args.format, args.image_root, args.split, args.limit)
+    ablations = tuple(a.strip() for a in args.ablation.split(",") if a.strip())
+    bad = sorted(set(ablations) - set(ABLATIONS))
+    if bad:
+        raise SystemExit(f"--ablation: unknown {bad}; known: {', '.join(ABLATIONS)}")
+    skipped: list[dict] = []
+    items = load_items(args.data, args.format, args.image_root, args.split, args.limit, skipped=skipped)
+    for s in skipped:
+        print(f"skipped item {s['id']}: {s['reason']}")
     vlm = ExportedVLM(args.model, device=args.device)
     out = Path(args.output) if args.output else default_output(Path(args.model), Path(args.data))
-    summary = evaluate_to(vlm, items, out, args.max_new_tokens, progress=not args.no_progress)
-    print(json.dumps({k: summary[k] for k in ("n", "accuracy", "accuracy_by_task", "calibration")}, indent=2))
+    summary = evaluate_to(vlm, items, out, args.max_new_tokens, progress=not args.no_progress, resume=args.resume,
+                          skipped=skipped, option_scoring=args.option_scoring, ablations=ablations)
+    keys = ("n", "accuracy", "accuracy_by_task", "option_scoring", "ablation", "calibration", "n_skipped")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     print(f"records: {out}")
+    if summary["n_skipped"]:
+        print(f"skipped: {summary['n_skipped']} items, listed in {skipped_path(out)}")
     return 0
 
 

@@ -11,16 +11,21 @@ an answer's tokens are exactly the labelled tokens training would have used for 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
-import torch
+# Idle OpenMP threads sleep instead of spinning (see barnfast/train.py: 40x faster small matmuls on a
+# shared CPU); set before torch is imported, an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from barnfast.data.chat import IMAGE_PLACEHOLDER, encode_conversation, encode_prompt
-from barnfast.data.images import load_image
-from barnfast.models import vision as vision_registry
-from barnfast.models.export import read_meta
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+from barnfast.data.chat import IMAGE_PLACEHOLDER, encode_conversation, encode_prompt  # noqa: E402
+from barnfast.data.images import load_image  # noqa: E402
+from barnfast.models import vision as vision_registry  # noqa: E402
+from barnfast.models.export import read_meta  # noqa: E402
 
 
 class ExportedVLM:
@@ -117,6 +122,15 @@ class ExportedVLM:
             lp = logp[torch.arange(len(c), device=self.device), tgt].double().cpu().numpy()
             out.append((lp, bool((logp.argmax(-1) == tgt).all())) if with_greedy else lp)
         return out
+
+    @torch.no_grad()
+    def next_token_logprobs(self, prompt_ids: list[int], pixel_values: torch.Tensor | None) -> np.ndarray:
+        """``(V,)`` float64 log-probabilities of the token that follows the prompt (one forward, the last
+        position's logits only): what first-token option scoring reads."""
+        ids = torch.tensor([prompt_ids], device=self.device)
+        pv = pixel_values.to(self.device, self.model.dtype) if pixel_values is not None else None
+        logits = self.model(input_ids=ids, pixel_values=pv, logits_to_keep=1).logits[0, -1]
+        return torch.log_softmax(logits.float(), dim=-1).double().cpu().numpy()
 
     @torch.no_grad()
     def greedy(self, prompt_ids: list[int], pixel_values: torch.Tensor | None, max_new_tokens: int = 32,

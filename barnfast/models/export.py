@@ -62,6 +62,9 @@ def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype |
         state |= {k: (v.to(dtype) if dtype is not None else v).detach().cpu()
                   for k, v in model.projector.llava_state_dict(prefix).items()}
     hf.save_pretrained(dest, state_dict=state, safe_serialization=True)
+    jinja = hf_chat_template((meta or {}).get("chat_template", "plain"))
+    if jinja is not None:  # so that tokenizer.apply_chat_template gives the ids barnfast trained on
+        tokenizer.chat_template = jinja
     tokenizer.save_pretrained(dest)
     image_processor = model.vision.image_processor()
     image_processor.save_pretrained(dest)
@@ -71,7 +74,7 @@ def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype |
         processor = LlavaProcessor(
             image_processor=image_processor, tokenizer=tokenizer, patch_size=model.vision.patch_size,
             vision_feature_select_strategy=hf.config.vision_feature_select_strategy, image_token=IMAGE_TOKEN,
-            num_additional_image_tokens=1 if model.vision.drop_cls else 0,
+            num_additional_image_tokens=1 if model.vision.drop_cls else 0, chat_template=jinja,
         )
         processor.save_pretrained(dest)
     except Exception as exc:  # noqa: BLE001 - the model folder is complete without it; say why it is missing
@@ -79,6 +82,72 @@ def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype |
                       f"processor are", stacklevel=2)
     (dest / BARNFAST_META).write_text(json.dumps(_meta(model, "llava", meta), indent=2))
     return dest
+
+
+# -- chat templates for transformers' apply_chat_template ---------------------------------------------------
+# Jinja versions of barnfast.data.chat's templates: tokenizer.apply_chat_template(messages,
+# add_generation_prompt=True) gives the ids barnfast trained on (each image as one <image> token; a
+# LlavaProcessor expands it to the tower's slots). Message content may be a string or transformers' list of
+# {"type": "image"} / {"type": "text", "text": ...} parts; an image part renders as "<image>\n", LLaVA's
+# placement, which is also where barnfast's evaluation puts it.
+_JINJA_CONTENT = (
+    "{%- macro content(c) -%}{%- if c is string -%}{{ c }}{%- else -%}{%- for part in c -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\n' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+)
+_JINJA_SYSTEM = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = content(messages[0]['content']) -%}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{%- set system = DEFAULT_SYSTEM -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+)
+# The Metaspace (sentencepiece-layout) tokenizers prefix the first word of a text with "▁"; barnfast
+# tokenizes the text after the leading BOS as the start of a text, while transformers tokenizes the rendered
+# string whole (where nothing follows a special token with "▁"), so these templates put one space after BOS.
+_JINJA_BODY = {
+    "vicuna_v1": (
+        "{{ bos_token }}{{ ' ' }}{%- if system -%}{{ system + ' ' }}{%- endif -%}"
+        "{%- for m in turns -%}{%- if m['role'] == 'user' -%}{{ 'USER: ' + content(m['content']) + ' ASSISTANT:' }}"
+        "{%- else -%}{{ ' ' + content(m['content']) + eos_token }}{%- endif -%}{%- endfor -%}"
+    ),
+    "llama_2": (
+        "{{ bos_token }}{{ ' ' }}{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+        "{%- if not loop.first -%}{{ bos_token }}{%- endif -%}{{ '[INST] ' }}"
+        "{%- if loop.first and system -%}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{%- endif -%}"
+        "{{ content(m['content']) + ' [/INST]' }}{%- else -%}{{ ' ' + content(m['content']) + ' ' + eos_token }}"
+        "{%- endif -%}{%- endfor -%}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{{ ' ' }}{%- for m in turns -%}{%- if m['role'] == 'user' -%}{{ '[INST] ' }}"
+        "{%- if loop.first and system -%}{{ system + '\n\n' }}{%- endif -%}{{ content(m['content']) + ' [/INST]' }}"
+        "{%- else -%}{{ ' ' + content(m['content']) + eos_token }}{%- endif -%}{%- endfor -%}"
+    ),
+    "llama_3": (
+        "{{ bos_token }}{%- if system -%}{{ '<|start_header_id|>system<|end_header_id|>\n\n' + system | trim"
+        " + '<|eot_id|>' }}{%- endif -%}{%- for m in turns -%}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + content(m['content']) | trim"
+        " + '<|eot_id|>' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+    ),
+    "chatml": (
+        "{%- if system -%}{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}{%- endif -%}"
+        "{%- for m in turns -%}{{ '<|im_start|>' + m['role'] + '\n' + content(m['content']) + '<|im_end|>\n' }}"
+        "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    ),
+}
+
+
+def hf_chat_template(template: str) -> str | None:
+    """The Jinja chat template (transformers' ``chat_template``) of barnfast's template ``template``, with its
+    default system prompt; None for ``plain`` (stage 1's caption format is not a chat)."""
+    from barnfast.data.chat import TEMPLATES
+
+    if template == "plain":
+        return None
+    if template not in _JINJA_BODY:
+        raise ValueError(f"no transformers chat template for {template!r}; known: {', '.join(_JINJA_BODY)}")
+    default = TEMPLATES[template].default_system
+    return (_JINJA_CONTENT + "{%- set DEFAULT_SYSTEM = " + json.dumps(default) + " -%}" + _JINJA_SYSTEM
+            + _JINJA_BODY[template])
 
 
 def _meta(model: LlavaVLM, fmt: str, meta: dict | None) -> dict:
@@ -114,6 +183,9 @@ def export_barnfast(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.d
     lm.model, lm.lm_head = model.language_model, model.lm_head  # the trained modules, not copies
     lm.save_pretrained(dest / "llm", state_dict={k: cast(v).contiguous() for k, v in lm.state_dict().items()},
                        safe_serialization=True)
+    jinja = hf_chat_template((meta or {}).get("chat_template", "plain"))
+    if jinja is not None:
+        tokenizer.chat_template = jinja
     tokenizer.save_pretrained(dest / "llm")
     tower = model.vision_tower
     tower.save_pretrained(dest / "vision_tower", state_dict={k: cast(v).contiguous()

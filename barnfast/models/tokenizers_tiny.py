@@ -54,6 +54,10 @@ CORPUS = (
     "Circle Square Triangle Rectangle Star Ellipse Hexagon Diamond Pentagon Oval Cross Heart",
     "Zero One Two Three Four Five Six Seven Eight Nine Ten Left Right Top Bottom Center Centre Middle",
     "There The It A An This Yes No How What Where Which Is Are Describe",
+    # Answers as the real LLaMA tokenizers hold them whole ("▁D", "▁yes", "D", "yes" are one token in
+    # both the 32000- and the 128256-entry vocabularies): every capital letter (option letters), and
+    # lower-case yes / no. Without this line "D" took 2 tokens, "yes" 3 and "no" 2.
+    "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z yes no",
 )
 
 LLAMA3_PATTERN = (
