@@ -89,6 +89,15 @@ class DataConfig:
     """Stored dtype of cached features: ``fp16`` or ``bf16``."""
     vision_cache_batch: int = 32
     """Images per tower call in the cache's precompute pass."""
+    max_length: int = 2048
+    """Longest sample in tokens after ``<image>`` expansion, one limit for every backbone (LLaVA-1.5's
+    ``model_max_length = 2048``); the backbone's context caps it. ``train.max_length``, when set, wins."""
+    overlong: str = "skip"
+    """A sample longer than ``max_length``: ``skip`` (listed in skipped_samples.jsonl) or ``truncate``
+    (LLaVA-1.5: ids and labels cut at ``max_length`` after image expansion)."""
+    image_at_turn_start: bool = False
+    """Move each ``<image>`` to the start of its turn (``<image>\\n`` + the rest, stripped), as LLaVA's
+    ``preprocess_multimodal``; False keeps the placeholder where the data put it."""
 
     def __post_init__(self):
         if self.vision_cache == "":
@@ -98,6 +107,9 @@ class DataConfig:
         _check(self.vision_cache_batch >= 1, "data.vision_cache_batch", "must be >= 1")
         _check(self.image_aspect in ("pad", "resize"), "data.image_aspect", f"must be 'pad' or 'resize', got "
                f"{self.image_aspect!r}")
+        _check(self.max_length >= 16, "data.max_length", f"must be >= 16, got {self.max_length}")
+        _check(self.overlong in ("skip", "truncate"), "data.overlong",
+               f"must be 'skip' or 'truncate', got {self.overlong!r}")
         _check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         for name in ("synthetic_stage1", "synthetic_stage2", "synthetic_eval"):
@@ -121,6 +133,12 @@ class StageConfig:
     """Chat template: ``plain`` for stage 1; ``auto`` = the backbone's."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: the whole epochs)."""
+    image_aspect: str = "data"
+    """Image preprocessing of this stage: ``pad``, ``resize`` or ``data`` (``data.image_aspect``). LLaVA-1.5
+    differs per stage: stage 1 ``resize`` (pretrain.sh sets no image_aspect_ratio), stage 2 ``pad``."""
+    group_by_modality: bool = False
+    """Every step all image samples or all text-only samples (LLaVA's ``group_by_modality_length``), the
+    leftovers of both in the last step(s); the order stays seeded and the same for every backbone."""
 
     def __post_init__(self):
         p = f"stages[{self.name}]"
@@ -132,6 +150,8 @@ class StageConfig:
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         _check(self.max_grad_norm > 0, f"{p}.max_grad_norm", "must be > 0")
         _check(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", "must be >= 1 or unset")
+        _check(self.image_aspect in ("data", "pad", "resize"), f"{p}.image_aspect",
+               f"must be 'data', 'pad' or 'resize', got {self.image_aspect!r}")
 
 
 @dataclass

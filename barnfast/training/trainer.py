@@ -42,12 +42,18 @@ from barnfast.training.runinfo import write_run_record
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_ratio: float) -> float:
-    """Cosine schedule with linear warm-up (LLaVA-1.5: 3%), a pure function of the step (0-based)."""
+    """Cosine schedule with linear warm-up (LLaVA-1.5: 3%), a pure function of the step (0-based).
+
+    Exactly transformers' ``get_cosine_schedule_with_warmup`` as LLaVA's HF Trainer drives it: warm-up
+    steps ``ceil(total * warmup_ratio)`` (``TrainingArguments.get_warmup_steps``), ``lr = base * step /
+    warmup`` during warm-up, so step 0 runs at lr 0 (LLaVA-1.5 stage 2, 5197 steps: 156 warm-up steps),
+    then ``0.5 * (1 + cos(pi * progress))``, clamped at 0.
+    """
     warmup = math.ceil(total_steps * warmup_ratio)
     if step < warmup:
-        return base_lr * (step + 1) / warmup
+        return base_lr * step / max(1, warmup)
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def seed_everything(seed: int) -> None:
