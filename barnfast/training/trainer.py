@@ -115,7 +115,8 @@ class Trainer:
         self.use_bf16 = use_bf16
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
-        self.max_length = recipe.train.max_length or self.backbone.max_position_embeddings
+        # One limit for every backbone (LLaVA-1.5: 2048), capped by the backbone's context.
+        self.max_length = recipe.train.max_length or min(recipe.data.max_length, self.backbone.max_position_embeddings)
         self.metrics_path = self.out / "metrics.jsonl"
         self.samples_seen = 0
         self.flops = flops_lib.FlopCounter(self.model)
@@ -179,6 +180,10 @@ class Trainer:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # -- data ---------------------------------------------------------------------------------
+    def image_aspect(self, stage) -> str:
+        """The stage's image preprocessing: its own ``image_aspect``, else ``data.image_aspect``."""
+        return self.recipe.data.image_aspect if stage.image_aspect == "data" else stage.image_aspect
+
     def build_dataset(self, stage) -> StageDataset:
         path, image_root = stage_data(self.recipe, stage.name)
         template = "plain" if stage.template == "plain" else (
@@ -188,8 +193,9 @@ class Trainer:
         data = StageDataset(
             load_llava_json(path), tokenizer=self.tokenizer, template=template,
             image_token_id=self.model.image_token_id, image_root=image_root, max_length=self.max_length,
-            image_spec=self.vision.image_spec(self.recipe.data.image_aspect,
+            image_spec=self.vision.image_spec(self.image_aspect(stage),
                                               size=s2_input_size(self.vision, self.model.s2_scales)),
+            overlong=self.recipe.data.overlong, image_at_turn_start=self.recipe.data.image_at_turn_start,
             max_skip_fraction=self.recipe.data.max_skip_fraction,
             skipped_path=stage_dir / "skipped_samples.jsonl" if self.dist.is_main else None,
             show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
@@ -200,7 +206,7 @@ class Trainer:
             # The frozen tower's features, encoded once per image (ranks share the missing ones) and
             # served instead of pixels; padded (LLaVA-way) batches keep pixels.
             cache = VisionFeatureCache(r.data.vision_cache, vision_cache_settings(
-                self.vision, s2_scales=self.model.s2_scales, image_aspect=r.data.image_aspect,
+                self.vision, s2_scales=self.model.s2_scales, image_aspect=self.image_aspect(stage),
                 dtype=r.data.vision_cache_dtype, seed=r.train.seed, vision_path=r.model.vision_path))
 
             def encode(pixels):
@@ -220,7 +226,9 @@ class Trainer:
         plan = packing.plan_epoch(data.lengths, global_batch=stage.global_batch,
                                   token_budget=self.recipe.train.token_budget, world_size=W,
                                   seed=self.recipe.train.seed, epoch=epoch,
-                                  drop_last=0 < n % stage.global_batch < W)
+                                  drop_last=0 < n % stage.global_batch < W,
+                                  modality=np.array([bool(e.images) for e in data.items]) if stage.group_by_modality
+                                  else None)
         over = int((data.lengths > self.recipe.train.token_budget).sum())
         if over and self.dist.is_main and epoch == 0:
             warnings.warn(f"{stage.name}: {over} sample(s) are longer than train.token_budget="
@@ -433,7 +441,8 @@ class Trainer:
         """The final model as a Hugging Face folder (LoRA merged on request; FSDP shards gathered first)."""
         dest = self.out / "export"
         meta = {"backbone": self.backbone.name, "chat_template": self.backbone.chat_template,
-                "stop_tokens": list(self.backbone.stop_tokens), "image_aspect": self.recipe.data.image_aspect,
+                "stop_tokens": list(self.backbone.stop_tokens),
+                "image_aspect": self.image_aspect(self.recipe.stages[-1]),  # the last stage's: what it was tuned on
                 "seed": self.recipe.train.seed}
         model = self.model
         if self._fsdp is not None:  # every rank takes part in the gather; rank 0 rebuilds an unsharded copy
