@@ -307,12 +307,13 @@ def _llava_prompt(template: str, conv: list[dict]) -> str:
     return ret
 
 
-def _tokenizer_image_token(tok, prompt: str) -> list[int]:
+def _tokenizer_image_token(tok, prompt: str, img_id: int | None = None) -> list[int]:
     """llava/mm_utils.py tokenizer_image_token: each chunk ``tok(chunk)``, its BOS dropped after the first."""
+    img_id = _img(tok) if img_id is None else img_id
     chunks = [tok(c).input_ids for c in prompt.split(IMAGE_PLACEHOLDER)]
     out = [chunks[0][0]]
     for i, c in enumerate(chunks):
-        out += ([_img(tok)] if i else []) + c[1:]
+        out += ([img_id] if i else []) + c[1:]
     return out
 
 
@@ -415,3 +416,158 @@ def test_lr_matches_transformers_cosine_with_warmup(total, tmp_path):
     for step in sorted({0, 1, warmup, total - 1} & set(range(total))):
         assert lr_at(step, total, base, 0.03) == pytest.approx(theirs[step], rel=1e-12, abs=1e-18), step
     assert lr_at(0, total, base, 0.03) == 0.0
+
+
+# -- item 8: LLaVA's slow SentencePiece tokenizer vs transformers 5's fast one -------------------
+class SlowLlamaTokenizer:
+    """What LLaVA gets from ``AutoTokenizer.from_pretrained(..., use_fast=False)`` under its pinned
+    transformers 4.37: the slow ``LlamaTokenizer`` on a ``tokenizer.model``, re-written on the
+    sentencepiece library (transformers 5 has no slow LLaMA tokenizer). ``legacy=False``: the model's
+    dummy prefix is switched off and ``▁`` is put once before the whole text, so a piece after a special
+    token gets none; ``legacy=True``: every piece between special tokens is encoded with the prefix."""
+
+    SPECIALS = ("<unk>", "<s>", "</s>")
+
+    def __init__(self, model_proto: bytes, legacy: bool):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(model_proto)
+        if not legacy:
+            proto.normalizer_spec.add_dummy_prefix = False
+        self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.legacy = legacy
+        self.unk_len = len(self.sp.encode("<unk>", out_type=str))
+
+    def _tokenize(self, text: str) -> list[str]:
+        if self.legacy or not text.startswith(("▁", " ")):
+            return self.sp.encode(text, out_type=str)
+        return self.sp.encode("<unk>" + text, out_type=str)[self.unk_len:]  # keeps the leading ▁
+
+    def __call__(self, text: str):
+        import re
+        from types import SimpleNamespace
+
+        if not self.legacy and text:
+            text = "▁" + text.replace("▁", " ")
+        pieces = []
+        for part in re.split("(<unk>|<s>|</s>)", text):
+            pieces += [part] if part in self.SPECIALS else (self._tokenize(part) if part else [])
+        if not self.legacy and len(pieces) > 1 and pieces[0] == "▁" and pieces[1] in self.SPECIALS:
+            pieces = pieces[1:]
+        return SimpleNamespace(input_ids=[1] + [self.sp.piece_to_id(p) for p in pieces])
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_checkpoints(tmp_path_factory, synthetic_conversations):
+    """A LLaMA-style ``tokenizer.model`` trained here (BPE, byte fallback, digits split, whitespace
+    kept, dummy prefix) and three checkpoint folders: ``legacy`` true, false, and no key at all."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    from sentencepiece import sentencepiece_model_pb2
+
+    from barnfast.models.tokenizers_tiny import CORPUS
+
+    root = tmp_path_factory.mktemp("spm")
+    lines = list(CORPUS) * 20 + [t["value"].replace("<image>", "").replace("\n", " ")
+                                 for c in synthetic_conversations for t in c]
+    lines += ["in  with   spaces    and tabs\tand café naïve 東京", "def f():    return  1        x  =  2"] * 200
+    (root / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "tok"), vocab_size=1200, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, character_coverage=1.0, minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((root / "tok.model").read_bytes())
+    # Whitespace-only pieces last, so that SentencePiece prefers "▁with" to "▁▁" as LLaMA's model does
+    # (the issue's example, on the real checkpoint: slow "▁in ▁ ▁with", fast "▁in ▁▁ with").
+    for piece in proto.pieces:
+        if len(piece.piece) > 1 and set(piece.piece) == {"▁"}:
+            piece.score = -1e9
+    model = proto.SerializeToString()
+    dirs = {}
+    for legacy in ("true", "false", "missing"):
+        d = root / legacy
+        d.mkdir()
+        (d / "tokenizer.model").write_bytes(model)
+        cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        if legacy != "missing":
+            cfg["legacy"] = legacy == "true"
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        dirs[legacy] = d
+    return model, dirs
+
+
+def _space_variants(convs, kind: str, seed: int = 0):
+    """Copies of ``convs`` with one edit each, at a random word of a random turn."""
+    import copy
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for conv in convs:
+        conv = copy.deepcopy(conv)
+        turn = conv[rng.randrange(len(conv))] if kind != "leading_space_answer" else conv[1]
+        words = turn["value"].split(" ")
+        k = rng.randrange(max(1, len(words) - 1))
+        extra = {"double_space": " ", "triple_space": "  ", "newline_space": "\n ", "tab": "\t",
+                 "unicode": " café naïve 東京 😀", "leading_space_answer": None}[kind]
+        if extra is None:
+            turn["value"] = " " + turn["value"]
+        else:
+            words[k] += extra
+            turn["value"] = " ".join(words)
+        out.append(conv)
+    return out
+
+
+def test_slow_sentencepiece_vs_transformers5_fast(sentencepiece_checkpoints, synthetic_conversations):
+    """Item 8, measured on the LLaVA-665k-like sample (300 synthetic stage-2 conversations, each also with
+    one edit: a space run, a tab, unicode, ...; and 3 crafted long / multi-turn / space-run ones).
+    LLaVA's ids: its prompt, tokenized chunk by chunk with the slow tokenizer; barnfast's:
+    encode_conversation on transformers 5's fast tokenizer of the same tokenizer.model. The README
+    quotes these numbers."""
+    from transformers import AutoTokenizer
+
+    model, dirs = sentencepiece_checkpoints
+    convs = synthetic_conversations[:-3]  # the synthetic set: no runs of spaces
+
+    def compare(checkpoint: str, slow_legacy: bool, samples) -> tuple[int, list]:
+        fast = AutoTokenizer.from_pretrained(dirs[checkpoint])
+        fast.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+        slow, img = SlowLlamaTokenizer(model, slow_legacy), _img(fast)
+        diffs = []
+        for conv in samples:
+            ids, _ = encode_conversation(fast, "vicuna_v1", conv, image_token_id=img, num_image_tokens=1,
+                                         image_at_turn_start=True)
+            ref = _tokenizer_image_token(slow, _llava_prompt("vicuna_v1", conv), img_id=img)
+            if ids != ref:
+                diffs.append((fast.convert_ids_to_tokens(ids), [slow.sp.id_to_piece(i) if i != img else "<image>"
+                                                                for i in ref]))
+        return len(diffs), diffs
+
+    # The checkpoint's legacy setting honoured, no space runs, unicode, tabs: token for token.
+    n_multi = sum(len(c) > 2 for c in convs)
+    for checkpoint, slow_legacy in (("false", False), ("true", True)):
+        assert compare(checkpoint, slow_legacy, convs)[0] == 0
+        for kind in ("unicode", "tab"):
+            assert compare(checkpoint, slow_legacy, _space_variants(convs, kind))[0] == 0, kind
+    # No legacy key: transformers 4.37 reads it as legacy=True (with a warning), transformers 5 as
+    # legacy=False, so every multi-turn sample differs after each "</s>" ("▁USER" vs "USER").
+    n, diffs = compare("missing", True, convs)
+    assert n == n_multi and all("</s>" in a for a, _ in diffs)
+    # Runs of spaces: the fast BPE merges "▁▁" first, SentencePiece splits before the word.
+    measured = {}
+    for kind in ("crafted", "double_space", "triple_space", "newline_space", "leading_space_answer"):
+        samples = synthetic_conversations[-3:] if kind == "crafted" else _space_variants(convs, kind)
+        n, diffs = compare("false", False, samples)
+        measured[kind] = n
+        for fast_toks, slow_toks in diffs:
+            j = next(i for i, (a, b) in enumerate(zip(fast_toks, slow_toks)) if a != b)
+            assert set(fast_toks[j]) == {"▁"} and set(slow_toks[j]) == {"▁"} and len(fast_toks[j]) > len(
+                slow_toks[j]), (kind, fast_toks[j - 3:j + 3], slow_toks[j - 3:j + 3])
+    print(f"\nitem 8 on {len(convs)} conversations ({n_multi} multi-turn): legacy key missing -> {n_multi} differ; "
+          + ", ".join(f"{k}: {v}" for k, v in measured.items()))
+    assert measured["double_space"] > 0 and measured["leading_space_answer"] > 0
