@@ -399,7 +399,7 @@ def test_image_preprocessing_per_stage_on_non_square_photos(tmp_path):
 
 
 # -- the LR schedule against transformers --------------------------------------------------------
-@pytest.mark.parametrize("total", [5197, 2179, 10, 1])  # LLaVA-1.5 stage 2 (665k / 128) and stage 1 (558k / 256)
+@pytest.mark.parametrize("total", [5198, 2181, 10, 1])  # LLaVA-1.5 stage 2 (665,298 / 128), stage 1 (558,128 / 256)
 def test_lr_matches_transformers_cosine_with_warmup(total, tmp_path):
     from transformers import TrainingArguments, get_cosine_schedule_with_warmup
 

@@ -46,7 +46,7 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_ratio: float) -> f
 
     Exactly transformers' ``get_cosine_schedule_with_warmup`` as LLaVA's HF Trainer drives it: warm-up
     steps ``ceil(total * warmup_ratio)`` (``TrainingArguments.get_warmup_steps``), ``lr = base * step /
-    warmup`` during warm-up, so step 0 runs at lr 0 (LLaVA-1.5 stage 2, 5197 steps: 156 warm-up steps),
+    warmup`` during warm-up, so step 0 runs at lr 0 (LLaVA-1.5 stage 2, 665,298 / 128 = 5198 steps: 156 warm-up steps),
     then ``0.5 * (1 + cos(pi * progress))``, clamped at 0.
     """
     warmup = math.ceil(total_steps * warmup_ratio)
