@@ -8,10 +8,14 @@ segment is tokenized on its own and the ids are concatenated, so the labels are 
 ids and cannot disagree with them. Samples that cannot be encoded raise :class:`SampleError`,
 which the data pipeline counts and reports by sample id.
 
-A text segment that follows another segment is tokenized as the continuation of a special token
-(``tok(eos + text)[1:]``): that reproduces what tokenizing the whole string would give, e.g. no
-``▁`` prefix on ``USER`` right after ``</s>`` for a Metaspace tokenizer. The first text segment of
-a sequence is tokenized as the start of a text. Image placeholders act as special tokens.
+A text segment that follows a special token or another text is tokenized as the continuation of a
+special token (see :class:`_TextEncoder`): that reproduces what tokenizing the whole string would
+give, e.g. no ``▁`` prefix on ``USER`` right after ``</s>`` for a Metaspace tokenizer with
+``legacy=False``, ``▁USER`` with ``legacy=True``. The first text segment of a sequence, and the text
+right after an image, are tokenized as the start of a text: LLaVA's ``tokenizer_image_token`` tokenizes
+each chunk around ``<image>`` on its own, so with SentencePiece the chunk before an image may end with a
+lone ``▁`` and the one after it starts with ``▁`` (``USER: ▁ <image> ▁ \\n What``). Special-token text in
+the data (``</s>``, ``<|eot_id|>``) is tokenized as plain text, never as the special token.
 
 Templates (the rendered text each one produces; ``{q}``/``{a}`` are the human/assistant values):
 
@@ -26,15 +30,18 @@ Templates (the rendered text each one produces; ``{q}``/``{a}`` are the human/as
   <|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|><|start_header_id|>user
   <|end_header_id|>\\n\\n{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n{a}<|eot_id|>``;
   values are stripped as Meta's template does; ``{a}<|eot_id|>`` is labelled.
+- ``llama_3_1`` (Meta's Llama 3.1 template, as LLaVA-MORE trains): ``llama_3`` with the system block always
+  present, its text after :data:`LLAMA_3_1_SYSTEM_HEADER` (``Cutting Knowledge Date: December 2023\\n
+  Today Date: 26 Jul 2024\\n\\n``).
 - ``mistral`` (Mistral-7B-Instruct v0.2): ``<s>[INST] {q} [/INST] {a}</s>[INST] ...``; a system text,
   if given, goes before the first question with a blank line; ``" {a}</s>"`` is labelled.
 - ``chatml`` (Qwen2): ``<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n
   <|im_start|>assistant\\n{a}<|im_end|>\\n``; no BOS; ``{a}<|im_end|>`` is labelled.
 
-Where barnfast differs from LLaVA: placeholders stay where the data puts them (LLaVA moves the
-first ``<image>`` to the front of the turn: that is the data loader's job); text after an image is
-tokenized as a continuation (LLaVA's ``tokenizer_image_token`` tokenizes each chunk as a fresh
-text, so a Metaspace tokenizer gives ``▁\\n`` there); a conversation must end with an assistant turn.
+``image_at_turn_start=True`` moves each ``<image>`` to the start of its turn first, as LLaVA's
+``preprocess_multimodal`` (the llava15 recipe's ``data.image_at_turn_start``); by default placeholders stay
+where the data puts them. Where barnfast differs from LLaVA: an empty answer is a SampleError (LLaVA
+zeroes such a sample through its round split); a conversation must end with an assistant turn.
 """
 
 from __future__ import annotations
