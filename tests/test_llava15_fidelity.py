@@ -150,9 +150,10 @@ VICUNA_SYS = ("▁A ▁chat ▁between ▁a ▁curious ▁user ▁and ▁an ▁a
 LLAVA_SYS_BL = ("You Ġare Ġa Ġhelpful Ġlanguage Ġand Ġvision Ġassistant . ĠYou Ġare Ġable Ġto Ġunderstand Ġthe "
                 "Ġvisual Ġcontent Ġthat Ġthe Ġuser Ġprovides , Ġand Ġassist Ġthe Ġuser Ġwith Ġa Ġvariety Ġof Ġtasks "
                 "Ġusing Ġnatural Ġlanguage .")  # LLaVA's llama_2/llama_3 system text, byte-level pieces
-LLAVA_SYS_SP = ("▁<<SYS>> \\nY ou ▁are ▁a ▁helpful ▁language ▁and ▁vision ▁assistant. ▁You ▁are ▁able ▁to "
-                "▁understand ▁the ▁visual ▁content ▁that ▁the ▁user ▁provides, ▁and ▁assist ▁the ▁user ▁with ▁a "
-                "▁variety ▁of ▁tasks ▁using ▁natural ▁language. \\n<< /SYS>> \\n \\n")
+LLAVA_SYS_SP_HEAD = ("▁<<SYS>> \\nY ou ▁are ▁a ▁helpful ▁language ▁and ▁vision ▁assistant. ▁You ▁are ▁able ▁to "
+                     "▁understand ▁the ▁visual ▁content ▁that ▁the ▁user ▁provides, ▁and ▁assist ▁the ▁user ▁with "
+                     "▁a ▁variety ▁of ▁tasks ▁using ▁natural ▁language. \\n<< /SYS>> \\n")
+LLAVA_SYS_SP = LLAVA_SYS_SP_HEAD + " \\n"  # the block's last newline on its own, when an image follows
 DEFAULT_SYSTEM = {  # CASES["multi"] with the image after the question, and the template's own system text
     "vicuna_v1": f"<s> {VICUNA_SYS} {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s> "
                  "USER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
@@ -244,16 +245,20 @@ def test_special_token_text_in_data_is_plain_text(template):
 # -- 2,048 tokens ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("template,prefix", [
     ("vicuna_v1", f"<s> {VICUNA_SYS} ▁USER: ▁What ▁colour ? ▁ASSISTANT:"),
+    # no image: the system block's last newline merges with the question ("\nWhat")
+    ("llama_2", f"<s> ▁[INST] {LLAVA_SYS_SP_HEAD} \\nWhat ▁colour ? ▁[/INST]"),
     ("llama_3", f"{L3} <|start_header_id|> system <|end_header_id|> Ċ Ċ {LLAVA_SYS_BL} <|eot_id|> "
                 f"{L3U} What Ġcolour ? <|eot_id|> {L3A}"),
+    ("llama_3_1", f"{L3} {DATES} {LLAVA_SYS_BL} <|eot_id|> {L3U} What Ġcolour ? <|eot_id|> {L3A}"),
 ])
 def test_over_2048_tokens_is_truncated_as_llava(template, prefix, tmp_path):
     """LLaVA cuts ids and labels at model_max_length = 2048 (collator) and the expanded sequence at
     tokenizer_model_max_length (llava_arch.py): the sample is kept, its first 2048 tokens trained."""
     tok = _tok(BACKBONE[template])
     answer = " ".join(["red"] * 3000)
-    first = "+▁red" if template == "vicuna_v1" else "+red"
-    rest = "+▁red" if template == "vicuna_v1" else "+Ġred"
+    sentencepiece = template in ("vicuna_v1", "llama_2")
+    first = "+▁red" if sentencepiece else "+red"
+    rest = "+▁red" if sentencepiece else "+Ġred"
     n_prefix = len(prefix.split())
     expected = " ".join([prefix, first] + [rest] * (2048 - n_prefix - 1))
     samples = [Sample("long", [], [H("What colour?"), G(answer)]), Sample("short", [], [H("What colour?"), G("red")])]
