@@ -166,7 +166,8 @@ class TrainConfig:
     dtype: str = "auto"
     """``auto``: bf16 autocast on CUDA, fp32 on CPU; or ``fp32`` / ``bf16``."""
     max_length: int | None = None
-    """Longest sample in tokens (None: the backbone's context); longer samples are skipped."""
+    """Longest sample in tokens; None: ``data.max_length`` capped by the backbone's context. Longer samples
+    are skipped or truncated (``data.overlong``)."""
     log_every: int = 1
     kernel_backend: str = "auto"
     """Backend of barnfast.kernels ops: ``auto`` | ``triton`` | ``torch``."""
