@@ -282,6 +282,9 @@ def test_truncation_never_cuts_an_image_or_leaves_no_target():
         truncate(ids, labels, 3, img)
     with pytest.raises(SampleError, match="no target token within the first"):
         truncate(ids, labels, 5, img)
+    # a cut right after an image's last slot keeps it whole
+    ids2, labels2 = [1, 9, img, img, 6, 9], [-100, 9, -100, -100, -100, 9]
+    assert truncate(ids2, labels2, 4, img) == ([1, 9, img, img], [-100, 9, -100, -100])
 
 
 # -- LLaVA's own preprocessing as an oracle (ids), on synthetic LLaVA-665k-like conversations -----

@@ -63,7 +63,7 @@ def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id:
     in an image's slots or leaves no target token."""
     if len(ids) <= max_length:
         return ids, labels
-    if ids[max_length - 1] == image_token_id or image_token_id in ids[max_length:]:
+    if image_token_id in ids[max_length:]:  # slots of an image after the cut: a cut in or before it
         raise SampleError(f"{len(ids)} tokens: truncating at data.max_length={max_length} would cut an image's "
                           "visual tokens")
     ids, labels = ids[:max_length], labels[:max_length]
