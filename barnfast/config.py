@@ -90,12 +90,18 @@ class DataConfig:
     vision_cache_batch: int = 32
     """Images per tower call in the cache's precompute pass."""
     max_length: int = 2048
-    """Longest sample in tokens, the same limit for every backbone (LLaVA-1.5's ``model_max_length``
-    2048): a backbone's own context never decides which samples a sweep trains on. Must not exceed the
-    backbone's context (checked when the run starts)."""
+    """Longest sample in tokens after ``<image>`` expansion, the same limit for every backbone (LLaVA-1.5's
+    ``model_max_length`` 2048): a backbone's own context never decides which samples a sweep trains on. Must
+    not exceed the backbone's context (checked when the run starts)."""
     exclude_samples: str | None = None
     """JSONL of ``{"stage", "id", "reason"}``: samples left out of that stage (the sweep writes one with the
     samples some backbone of the sweep cannot take, so that every backbone drops them)."""
+    overlong: str = "skip"
+    """A sample longer than ``max_length``: ``skip`` (listed in skipped_samples.jsonl) or ``truncate``
+    (LLaVA-1.5: ids and labels cut at ``max_length`` after image expansion)."""
+    image_at_turn_start: bool = False
+    """Move each ``<image>`` to the start of its turn (``<image>\\n`` + the rest, stripped), as LLaVA's
+    ``preprocess_multimodal``; False keeps the placeholder where the data put it."""
 
     def __post_init__(self):
         if self.vision_cache == "":
@@ -108,6 +114,8 @@ class DataConfig:
             self.exclude_samples = None
         _check(self.image_aspect in ("pad", "resize"), "data.image_aspect", f"must be 'pad' or 'resize', got "
                f"{self.image_aspect!r}")
+        _check(self.overlong in ("skip", "truncate"), "data.overlong",
+               f"must be 'skip' or 'truncate', got {self.overlong!r}")
         _check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         for name in ("synthetic_stage1", "synthetic_stage2", "synthetic_eval"):
@@ -131,6 +139,12 @@ class StageConfig:
     """Chat template: ``plain`` for stage 1; ``auto`` = the backbone's."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: the whole epochs)."""
+    image_aspect: str = "data"
+    """Image preprocessing of this stage: ``pad``, ``resize`` or ``data`` (``data.image_aspect``). LLaVA-1.5
+    differs per stage: stage 1 ``resize`` (pretrain.sh sets no image_aspect_ratio), stage 2 ``pad``."""
+    group_by_modality: bool = False
+    """Every step all image samples or all text-only samples (LLaVA's ``group_by_modality_length``), the
+    leftovers of both in the last step(s); the order stays seeded and the same for every backbone."""
 
     def __post_init__(self):
         p = f"stages[{self.name}]"
@@ -142,6 +156,8 @@ class StageConfig:
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         _check(self.max_grad_norm > 0, f"{p}.max_grad_norm", "must be > 0")
         _check(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", "must be >= 1 or unset")
+        _check(self.image_aspect in ("data", "pad", "resize"), f"{p}.image_aspect",
+               f"must be 'data', 'pad' or 'resize', got {self.image_aspect!r}")
 
 
 @dataclass

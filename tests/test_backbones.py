@@ -20,9 +20,9 @@ FACTS = {
     "llama2-chat": ("meta-llama/Llama-2-7b-chat-hf", 32000, 4096, 11008, 32, 32, 32, 1e4, 4096, "llama_2"),
     "llama3": ("meta-llama/Meta-Llama-3-8B", 128256, 4096, 14336, 32, 32, 8, 5e5, 8192, "llama_3"),
     "llama3-instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", 128256, 4096, 14336, 32, 32, 8, 5e5, 8192, "llama_3"),
-    "llama3.1": ("meta-llama/Llama-3.1-8B", 128256, 4096, 14336, 32, 32, 8, 5e5, 131072, "llama_3"),
+    "llama3.1": ("meta-llama/Llama-3.1-8B", 128256, 4096, 14336, 32, 32, 8, 5e5, 131072, "llama_3_1"),
     "llama3.1-instruct": ("meta-llama/Llama-3.1-8B-Instruct", 128256, 4096, 14336, 32, 32, 8, 5e5, 131072,
-                          "llama_3"),
+                          "llama_3_1"),
     "mistral": ("mistralai/Mistral-7B-Instruct-v0.2", 32000, 4096, 14336, 32, 32, 8, 1e6, 32768, "mistral"),
     "qwen2": ("Qwen/Qwen2-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, 1e6, 32768, "chatml"),
 }

@@ -86,6 +86,14 @@ def _image_id(tok) -> int:
     return tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
 
 
+def llava_chunk_ids(tok, rendered: str) -> list[int]:
+    """LLaVA's ``tokenizer_image_token`` without the BOS: every chunk around ``<image>`` its own call."""
+    out = []
+    for i, chunk in enumerate(rendered.split(IMAGE_PLACEHOLDER)):
+        out += ([_image_id(tok)] if i else []) + tok.encode(chunk, add_special_tokens=False)
+    return out
+
+
 def _runs(ids, labels):
     """Contiguous labelled spans, as lists of ids."""
     out, cur = [], []
@@ -116,9 +124,11 @@ def test_template_text_and_labels(template):
     has_bos = tok.bos_token_id is not None
     assert (ids[0] == tok.bos_token_id) == has_bos
     body = ids[1:] if has_bos else ids
-    assert tok.decode(body) == rendered
-    # Segment-by-segment ids equal tokenizing the whole rendered string at once.
-    assert tok.encode(rendered, add_special_tokens=False) == body
+    # Segment-by-segment ids equal LLaVA's tokenizer_image_token on the rendered string: each chunk
+    # around <image> tokenized on its own (a Metaspace tokenizer starts the chunk after it with "▁").
+    assert llava_chunk_ids(tok, rendered) == body
+    img = _image_id(tok)
+    assert tok.decode([t for t in body if t != img]).replace(" \n", "\n") == rendered.replace("<image>", "")
     # Labelled: exactly each answer and its end-of-turn token, nothing else.
     # (each answer tokenized as it reads mid-text: after a special token, hence the eos prefix)
     runs = _runs(ids, labels)

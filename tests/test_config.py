@@ -57,7 +57,8 @@ def test_cli_picks_tiny_recipe_and_parses_set_values():
 def test_cosine_schedule_with_warmup():
     total, base = 100, 1e-3
     lrs = [lr_at(s, total, base, 0.03) for s in range(total)]
-    assert lrs[0] == pytest.approx(base / 3) and lrs[2] == pytest.approx(base)  # 3 warm-up steps
+    # 3 warm-up steps, lr = base * step / 3 as transformers' (0 at step 0), the peak at step 3
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(base / 3) and lrs[3] == pytest.approx(base)
     assert max(lrs) == pytest.approx(base)
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # monotone decay after warm-up
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # monotone decay after warm-up
     assert lrs[-1] < 1e-3 * base * 10

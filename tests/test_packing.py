@@ -244,3 +244,62 @@ def test_installed_native_matches_python():
     lens = llava665k_like_lengths(5000, 1)
     kw = dict(global_batch=128, token_budget=4096, world_size=8)
     assert_same_plan(plan_epoch(lens, backend="python", **kw), plan_epoch(lens, backend="native", **kw))
+
+
+# ---- modality grouping (LLaVA-1.5 stage 2, group_by_modality_length) ------------------------------
+
+def _modality(n, seed, text_share=0.2):
+    return np.random.default_rng(seed).random(n) >= text_share  # True: has an image
+
+
+@pytest.mark.parametrize("n,G,W,drop_last", [(1000, 48, 4, False), (1000, 48, 8, True), (777, 32, 1, False),
+                                             (300, 128, 8, False)])
+def test_modality_grouped_steps_are_single_modality(n, G, W, drop_last):
+    lens, has_image = llava665k_like_lengths(n, 3), _modality(n, 3)
+    plan = plan_epoch(lens, global_batch=G, token_budget=4096, world_size=W, seed=5, drop_last=drop_last,
+                      modality=has_image, backend="python")
+    kinds = [set(has_image[plan.step_samples(s)].tolist()) for s in range(plan.num_steps)]
+    # every chunk of G but the last of each modality is a step of its own; LLaVA's leftovers (the last
+    # chunk of each, together < 2G samples) fill the steps after them
+    n_img, n_txt = int(has_image.sum()), int((~has_image).sum())
+    pure = (n_img - 1) // G + (n_txt - 1) // G
+    assert kinds[:pure].count({True}) == (n_img - 1) // G and kinds[:pure].count({False}) == (n_txt - 1) // G
+    assert plan.num_steps - pure <= 2
+    # the invariants of an ungrouped plan still hold: every sample once, G per step, the budget
+    seen = np.concatenate([plan.order, plan.dropped])
+    assert np.array_equal(np.sort(seen), np.arange(n))
+    assert all(len(plan.step_samples(s)) == G for s in range(n // G))
+    for s in range(plan.num_steps):
+        in_step = np.concatenate([mb for r in range(W) for mb in plan.micro_batches(s, r)])
+        assert sorted(in_step.tolist()) == sorted(plan.step_samples(s).tolist())
+    assert np.all((plan.micro_tokens <= 4096) | (np.diff(plan.micro_offsets) == 1))
+
+
+def test_modality_grouping_is_seeded_and_ignores_lengths_and_world_size():
+    n, G = 2000, 128
+    has_image = _modality(n, 1)
+    a = plan_epoch(llava665k_like_lengths(n, 1), global_batch=G, token_budget=8192, world_size=8, seed=7,
+                   modality=has_image)
+    b = plan_epoch(llava665k_like_lengths(n, 2) * 2, global_batch=G, token_budget=2048, world_size=2, seed=7,
+                   modality=has_image.tolist())
+    assert np.array_equal(a.order, b.order)  # every backbone and rank: the same steps
+    c = plan_epoch(llava665k_like_lengths(n, 1), global_batch=G, token_budget=8192, world_size=8, seed=8,
+                   modality=has_image)
+    assert not np.array_equal(a.order, c.order)
+    ungrouped = plan_epoch(llava665k_like_lengths(n, 1), global_batch=G, token_budget=8192, world_size=8, seed=7)
+    assert not np.array_equal(a.order, ungrouped.order)
+    # one modality only: nothing to group, the plain seeded order
+    same = plan_epoch(llava665k_like_lengths(n, 1), global_batch=G, token_budget=8192, world_size=8, seed=7,
+                      modality=np.ones(n, bool))
+    assert np.array_equal(same.order, ungrouped.order)
+    with pytest.raises(ValueError, match="modality"):
+        plan_epoch([5, 6, 7], global_batch=2, token_budget=100, modality=[True, False])
+
+
+def test_modality_grouped_native_matches_python(native_module, monkeypatch):
+    monkeypatch.setattr(packing, "_native", native_module)
+    monkeypatch.setattr(packing, "HAS_NATIVE", True)
+    n = 5000
+    kw = dict(global_batch=128, token_budget=4096, world_size=8, seed=2, modality=_modality(n, 2))
+    lens = llava665k_like_lengths(n, 2)
+    assert_same_plan(plan_epoch(lens, backend="python", **kw), plan_epoch(lens, backend="native", **kw))

@@ -8,10 +8,14 @@ segment is tokenized on its own and the ids are concatenated, so the labels are 
 ids and cannot disagree with them. Samples that cannot be encoded raise :class:`SampleError`,
 which the data pipeline counts and reports by sample id.
 
-A text segment that follows another segment is tokenized as the continuation of a special token
-(``tok(eos + text)[1:]``): that reproduces what tokenizing the whole string would give, e.g. no
-``▁`` prefix on ``USER`` right after ``</s>`` for a Metaspace tokenizer. The first text segment of
-a sequence is tokenized as the start of a text. Image placeholders act as special tokens.
+A text segment that follows a special token or another text is tokenized as the continuation of a
+special token (see :class:`_TextEncoder`): that reproduces what tokenizing the whole string would
+give, e.g. no ``▁`` prefix on ``USER`` right after ``</s>`` for a Metaspace tokenizer with
+``legacy=False``, ``▁USER`` with ``legacy=True``. The first text segment of a sequence, and the text
+right after an image, are tokenized as the start of a text: LLaVA's ``tokenizer_image_token`` tokenizes
+each chunk around ``<image>`` on its own, so with SentencePiece the chunk before an image may end with a
+lone ``▁`` and the one after it starts with ``▁`` (``USER: ▁ <image> ▁ \\n What``). Special-token text in
+the data (``</s>``, ``<|eot_id|>``) is tokenized as plain text, never as the special token.
 
 Templates (the rendered text each one produces; ``{q}``/``{a}`` are the human/assistant values):
 
@@ -26,19 +30,23 @@ Templates (the rendered text each one produces; ``{q}``/``{a}`` are the human/as
   <|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|><|start_header_id|>user
   <|end_header_id|>\\n\\n{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n{a}<|eot_id|>``;
   values are stripped as Meta's template does; ``{a}<|eot_id|>`` is labelled.
+- ``llama_3_1`` (Meta's Llama 3.1 template, as LLaVA-MORE trains): ``llama_3`` with the system block always
+  present, its text after :data:`LLAMA_3_1_SYSTEM_HEADER` (``Cutting Knowledge Date: December 2023\\n
+  Today Date: 26 Jul 2024\\n\\n``).
 - ``mistral`` (Mistral-7B-Instruct v0.2): ``<s>[INST] {q} [/INST] {a}</s>[INST] ...``; a system text,
   if given, goes before the first question with a blank line; ``" {a}</s>"`` is labelled.
 - ``chatml`` (Qwen2): ``<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n
   <|im_start|>assistant\\n{a}<|im_end|>\\n``; no BOS; ``{a}<|im_end|>`` is labelled.
 
-Where barnfast differs from LLaVA: placeholders stay where the data puts them (LLaVA moves the
-first ``<image>`` to the front of the turn: that is the data loader's job); text after an image is
-tokenized as a continuation (LLaVA's ``tokenizer_image_token`` tokenizes each chunk as a fresh
-text, so a Metaspace tokenizer gives ``▁\\n`` there); a conversation must end with an assistant turn.
+``image_at_turn_start=True`` moves each ``<image>`` to the start of its turn first, as LLaVA's
+``preprocess_multimodal`` (the llava15 recipe's ``data.image_at_turn_start``); by default placeholders stay
+where the data puts them. Where barnfast differs from LLaVA: an empty answer is a SampleError (LLaVA
+zeroes such a sample through its round split); a conversation must end with an assistant turn.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +54,12 @@ from barnfast.errors import SampleError
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
+# Marks "a special token came just before" in a private copy of the tokenizer (see _TextEncoder); an
+# added token from the Unicode private-use area, which no data text of LLaVA-665k contains.
+_ANCHOR = "\ue000barnfast-anchor\ue000"
+# Meta's Llama 3.1 chat template opens every system block with these two lines (tokenizer_config.json
+# of Llama-3.1-*-Instruct, date_string defaulting to "26 Jul 2024"); LLaVA-MORE trains with it.
+LLAMA_3_1_SYSTEM_HEADER = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
 _HUMAN = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -148,6 +162,14 @@ def _render_llama_3(turns, system, gen):
     return segs
 
 
+def _render_llama_3_1(turns, system, gen):
+    # Meta's 3.1 template: the system block is always there, its text after the two date lines.
+    segs = _render_llama_3(turns, "", gen)
+    header = [_Special("<|start_header_id|>"), _Text("system"), _Special("<|end_header_id|>"), _Text("\n\n")]
+    block = [*header, _Text(LLAMA_3_1_SYSTEM_HEADER + system.strip()), _Special("<|eot_id|>")]
+    return segs[:1] + block + segs[1:]
+
+
 def _render_mistral(turns, system, gen):
     segs: list[_Segment] = [_Special("$bos")]
     for i, (role, value) in enumerate(turns):
@@ -197,6 +219,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         ),
         ChatTemplate("llama_2", _LLAVA_SYSTEM, _render_llama_2),
         ChatTemplate("llama_3", _LLAVA_SYSTEM, _render_llama_3),
+        ChatTemplate("llama_3_1", _LLAVA_SYSTEM, _render_llama_3_1),
         ChatTemplate("mistral", "", _render_mistral),
         ChatTemplate("chatml", "You are a helpful assistant.", _render_chatml, uses_bos=False),
     ]
@@ -229,6 +252,10 @@ def _turns(conversations: list[dict], *, for_prompt: bool) -> list[tuple[str, st
             raise SampleError(f"roles do not alternate human/assistant at turn {i}")
         if role == "gpt" and IMAGE_PLACEHOLDER in turns[i][1]:
             raise SampleError(f"turn {i}: <image> placeholder in an assistant turn")
+        if role == "gpt" and not turns[i][1].strip():
+            # LLaVA renders an empty answer without its end token, which breaks its round split and
+            # zeroes the whole sample; barnfast skips it, with this reason, rather than train "</s>" alone.
+            raise SampleError(f"turn {i}: empty answer")
     if for_prompt:
         if turns[-1][0] != "human":
             raise SampleError("a prompt must end with a human turn")
@@ -238,6 +265,18 @@ def _turns(conversations: list[dict], *, for_prompt: bool) -> list[tuple[str, st
         if turns[-1][0] != "gpt":
             raise SampleError("conversation ends with a human turn that has no answer")
     return turns
+
+
+def move_images_to_turn_start(value: str) -> str:
+    """LLaVA's ``preprocess_multimodal`` on one turn: the ``<image>`` placeholders leave their place and
+    open the turn, ``<image>\\n`` + the rest of the text, stripped (``"What is this? <image>"`` →
+    ``"<image>\\nWhat is this?"``). A turn with ``n > 1`` placeholders keeps all ``n`` (LLaVA keeps one,
+    which mismatches the images; LLaVA-1.5's data has one image per sample)."""
+    n = value.count(IMAGE_PLACEHOLDER)
+    if not n:
+        return value
+    rest = value.replace(IMAGE_PLACEHOLDER, "").strip()
+    return ((IMAGE_PLACEHOLDER + "\n") * n + rest).strip()
 
 
 def _merge_text(segments: list[_Segment]) -> list[_Segment]:
@@ -267,7 +306,80 @@ def _token_id(tokenizer, token: str, template: str) -> int:
     return tid
 
 
-def _encode(tokenizer, template: str, conversations, image_token_id, num_image_tokens, system, gen):
+class _TextEncoder:
+    """Tokenizes the text segments of one tokenizer, with special-token text in the data (``</s>``,
+    ``<|eot_id|>``) as plain text, never as the special token.
+
+    ``fresh(text)``: ``text`` as the start of a tokenizer call (the first text of a sequence, and the text
+    after an ``<image>``, as LLaVA's ``tokenizer_image_token`` tokenizes each chunk: a Metaspace tokenizer
+    prefixes ``▁``). ``after_special(text)``: ``text`` as it reads right after a special token inside one
+    call (no ``▁`` for ``legacy=False`` / ``prepend_scheme="first"``, ``▁`` for ``legacy=True``), from a
+    private copy of the fast tokenizer's backend that holds one extra, non-special added token
+    (:data:`_ANCHOR`): ``encode(anchor + text)[1:]`` with special-token matching off
+    (``encode_special_tokens``, what transformers' ``split_special_tokens=True`` sets). Added tokens cut the
+    text the same way special ones do, so the anchor stands for any special token, while the data's
+    ``</s>`` is split as text. The user's tokenizer is never changed.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = None
+        if backend is not None:
+            from tokenizers import AddedToken, Tokenizer
+
+            self.backend = Tokenizer.from_str(backend.to_str())
+            self.backend.add_tokens([AddedToken(_ANCHOR, special=False, normalized=False)])
+            self.backend.encode_special_tokens = True
+            self.anchor_id = self.backend.token_to_id(_ANCHOR)
+        else:  # a slow (SentencePiece) tokenizer: its own split_special_tokens, eos as the anchor
+            self.specials = [t for t in tokenizer.all_special_tokens if t]
+
+    def fresh(self, text: str) -> list[int]:
+        if self.backend is not None:
+            return self._checked(self.backend.encode(text, add_special_tokens=False).ids, text)
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def after_special(self, text: str) -> list[int]:
+        if self.backend is not None:
+            ids = self._checked(self.backend.encode(_ANCHOR + text, add_special_tokens=False).ids, text)
+            if not ids or ids[0] != self.anchor_id:
+                raise ValueError("tokenizer did not keep the anchor token whole; cannot segment-encode")
+            return ids[1:]
+        found = [t for t in self.specials if t in text]
+        if found:  # the slow path cannot split them and keep the continuation: say so, never merge them
+            raise SampleError(f"special-token text {found[0]!r} in the data: a slow tokenizer cannot encode it "
+                              "as plain text after a special token; use the fast tokenizer")
+        eos = self.tokenizer.eos_token
+        full = self.tokenizer.encode(eos + text, add_special_tokens=False)
+        if not full or full[0] != self.tokenizer.eos_token_id:
+            raise ValueError(f"tokenizer did not keep {eos!r} whole; cannot segment-encode")
+        return full[1:]
+
+    def _checked(self, ids: list[int], text: str) -> list[int]:
+        if self.anchor_id in ids[1:]:
+            raise SampleError(f"text contains barnfast's private anchor string {_ANCHOR!r}")
+        return ids
+
+
+# One _TextEncoder per tokenizer (building the backend copy takes ~0.1-0.5 s on a 128k vocabulary),
+# rebuilt when tokens were added since (the trainer appends <image> before encoding).
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _text_encoder(tokenizer) -> _TextEncoder:
+    try:
+        cached = _ENCODERS.get(tokenizer)
+    except TypeError:  # unhashable / not weak-referenceable: no cache
+        return _TextEncoder(tokenizer)
+    if cached is None or cached[0] != len(tokenizer):
+        cached = (len(tokenizer), _TextEncoder(tokenizer))
+        _ENCODERS[tokenizer] = cached
+    return cached[1]
+
+
+def _encode(tokenizer, template: str, conversations, image_token_id, num_image_tokens, system, gen,
+            image_at_turn_start=False):
     if template not in TEMPLATES:
         raise ValueError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
     if num_image_tokens < 1:
@@ -276,13 +388,14 @@ def _encode(tokenizer, template: str, conversations, image_token_id, num_image_t
     turns = _turns(conversations, for_prompt=gen)
     if template == "plain" and len(turns) != (1 if gen else 2):
         raise SampleError(f"plain template takes one human turn and one caption, got {len(turns)} turns")
+    if image_at_turn_start:
+        turns = [(role, move_images_to_turn_start(value)) for role, value in turns]
     segments = _merge_text(tpl.render(turns, tpl.default_system if system is None else system, gen))
 
-    anchor_id = _token_id(tokenizer, "$eos", template)
-    anchor = tokenizer.convert_ids_to_tokens(anchor_id)
+    texts = _text_encoder(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
-    text_started = False  # has anything but a leading BOS been emitted?
+    previous = None  # the segment before this one, a leading BOS aside
     for seg in segments:
         if isinstance(seg, _Images):
             new = [image_token_id] * (num_image_tokens * seg.count)
@@ -297,18 +410,16 @@ def _encode(tokenizer, template: str, conversations, image_token_id, num_image_t
         else:
             if not seg.text:
                 continue
-            if text_started:
-                full = tokenizer.encode(anchor + seg.text, add_special_tokens=False)
-                if not full or full[0] != anchor_id:
-                    raise ValueError(f"tokenizer did not keep {anchor!r} whole; cannot segment-encode")
-                new = full[1:]
-            else:
-                new = tokenizer.encode(seg.text, add_special_tokens=False)
+            # The start of a text and the chunk after an image are fresh tokenizer calls (LLaVA's
+            # tokenize-per-chunk); text after a special token or another text reads as a continuation.
+            fresh = previous is None or isinstance(previous, _Images)
+            new = texts.fresh(seg.text) if fresh else texts.after_special(seg.text)
             label = seg.label
         leading_bos = isinstance(seg, _Special) and seg.token == "$bos" and not ids
         ids += new
         labels += new if label else [IGNORE_INDEX] * len(new)
-        text_started = text_started or not leading_bos
+        if not leading_bos:
+            previous = seg
     return ids, labels
 
 
@@ -320,6 +431,7 @@ def encode_conversation(
     image_token_id: int,
     num_image_tokens: int,
     system: str | None = None,
+    image_at_turn_start: bool = False,
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of a LLaVA conversation, both of length T.
 
@@ -327,12 +439,14 @@ def encode_conversation(
     first, alternating, ending with an answer. Each ``<image>`` in a human turn becomes
     ``num_image_tokens`` copies of ``image_token_id``. ``labels`` is -100 except on the answers and
     the end-of-turn token after each (see the module docstring per template). ``system``: None for
-    the template's default, "" for none.
+    the template's default, "" for none. ``image_at_turn_start``: move each ``<image>`` to the start of
+    its turn first (:func:`move_images_to_turn_start`, LLaVA's ``preprocess_multimodal``).
 
     Raises SampleError for an unusable conversation (the message names the reason), ValueError for
     an unknown template or a tokenizer that lacks the template's special tokens.
     """
-    return _encode(tokenizer, template, conversations, image_token_id, num_image_tokens, system, False)
+    return _encode(tokenizer, template, conversations, image_token_id, num_image_tokens, system, False,
+                   image_at_turn_start)
 
 
 def encode_prompt(
@@ -343,8 +457,10 @@ def encode_prompt(
     image_token_id: int,
     num_image_tokens: int,
     system: str | None = None,
+    image_at_turn_start: bool = False,
 ) -> list[int]:
     """Prompt ids for generation: the conversation (ending with a human turn) and the assistant
     prefix, tokenized exactly as :func:`encode_conversation` tokenizes the same prefix."""
-    ids, _ = _encode(tokenizer, template, conversations, image_token_id, num_image_tokens, system, True)
+    ids, _ = _encode(tokenizer, template, conversations, image_token_id, num_image_tokens, system, True,
+                     image_at_turn_start)
     return ids

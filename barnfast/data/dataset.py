@@ -4,10 +4,17 @@ Every sample is encoded up front (chat template → input_ids and labels, each `
 expanded to ``num_image_tokens``: the model's ``visual_tokens_per_image``, i.e. the
 projector's output count — the tower's for the MLP/linear projectors, the latents for the
 perceiver) because the planner needs every length before the
-first step. A sample that cannot be used — missing or corrupt image, no assistant turn, longer
-than the context, placeholder count that differs from its images — is skipped, counted, and its
+first step. A sample that cannot be used — missing or corrupt image, no assistant turn, an empty
+answer, longer than ``max_length`` (with ``overlong="skip"``), placeholder count that differs from its
+images — is skipped, counted, and its
 id and reason written to ``skipped_samples.jsonl``; the stage fails only when the skipped share
 passes ``max_skip_fraction``. Nothing is dropped silently.
+
+``overlong="truncate"`` is LLaVA-1.5's rule instead: ids and labels are cut at ``max_length`` after
+``<image>`` expansion (LLaVA's collator cuts at ``model_max_length = 2048`` and ``llava_arch`` cuts the
+expanded embeddings at ``tokenizer_model_max_length``; on expanded ids the two give the same cut). Two
+cases LLaVA trains silently are skipped with their reason: a cut through an image's slots (LLaVA keeps
+part of the image's 576 features) and a sample left with no target token before the cut (zero loss).
 """
 
 from __future__ import annotations
@@ -51,13 +58,27 @@ def _check_image(path: Path) -> None:
         raise SampleError(f"corrupt image {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id: int) -> tuple[list[int], list[int]]:
+    """``ids``/``labels`` cut at ``max_length`` (LLaVA-1.5's truncation); SampleError when the cut falls
+    in an image's slots or leaves no target token."""
+    if len(ids) <= max_length:
+        return ids, labels
+    if image_token_id in ids[max_length:]:  # slots of an image after the cut: a cut in or before it
+        raise SampleError(f"{len(ids)} tokens: truncating at data.max_length={max_length} would cut an image's "
+                          "visual tokens")
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == -100 for x in labels):
+        raise SampleError(f"no target token within the first data.max_length={max_length} tokens")
+    return ids, labels
+
+
 class StageDataset:
     """Encoded samples of one stage, with their token lengths for the planner."""
 
     def __init__(self, samples: list[Sample], *, tokenizer, template: str, image_token_id: int,
                  image_spec: ImageSpec, num_image_tokens: int, image_root: str | Path, max_length: int,
                  max_skip_fraction: float = 0.01, skipped_path: str | Path | None = None, show_progress: bool = True,
-                 pad_id: int = 0):
+                 pad_id: int = 0, overlong: str = "skip", image_at_turn_start: bool = False):
         self.image_spec = image_spec  # the tower's preprocessing (size, mean/std, pad or resize)
         self.num_image_tokens = int(num_image_tokens)  # <image> expands to the projector's output count
         self.image_token_id = int(image_token_id)  # collate counts the placeholders on the host
@@ -77,9 +98,12 @@ class StageDataset:
                     _check_image(p)
                 ids, labels = encode_conversation(tokenizer, template, s.conversations,
                                                   image_token_id=image_token_id,
-                                                  num_image_tokens=self.num_image_tokens)
-                if len(ids) > max_length:
-                    raise SampleError(f"{len(ids)} tokens, longer than the context of {max_length}")
+                                                  num_image_tokens=self.num_image_tokens,
+                                                  image_at_turn_start=image_at_turn_start)
+                if len(ids) > max_length and overlong != "truncate":
+                    raise SampleError(f"{len(ids)} tokens, longer than the context limit of {max_length} "
+                                      "(data.max_length, data.overlong=skip)")
+                ids, labels = truncate(ids, labels, max_length, image_token_id)
                 if not any(x != -100 for x in labels):
                     raise SampleError("no target tokens after encoding (empty answers)")
                 self.items.append(Encoded(s.id, np.asarray(ids, np.int32), np.asarray(labels, np.int32), paths))

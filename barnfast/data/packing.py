@@ -10,6 +10,13 @@ Algorithm, per epoch:
    ``order[s*G:(s+1)*G]`` (G = global batch, in samples, whatever the world size; gradient
    accumulation fills the gap). With ``drop_last`` the ``n % G`` last samples are left out
    (`EpochPlan.dropped`); without it the last step is shorter.
+   With ``modality`` (LLaVA-1.5 stage 2's ``group_by_modality_length``), the permutation is then
+   regrouped so that every step holds image samples only or text-only samples only: each modality
+   keeps its samples in permutation order and is cut into chunks of G; every chunk but the last of
+   each modality is a step, and these steps are shuffled by the same generator (its next draw); the
+   two last chunks (the last one even when full, as LLaVA's ``get_modality_length_grouped_indices``)
+   go at the end, their samples sorted by index, and fill the last one or two steps, the only mixed
+   ones. LLaVA also sorts by length inside a step; here the packer (steps 2-3) handles length.
 2. Ranks. Inside a step, longest-processing-time: samples by length, longest first (ties: earlier
    in the step first), each to the rank holding the fewest tokens so far (ties: lowest rank). The
    first ``world_size`` samples land on distinct ranks, so every rank gets at least one.
@@ -20,11 +27,11 @@ Algorithm, per epoch:
    LPT evens the tokens per rank, hence the micro-batch count per rank to within about one; the
    counts may still differ, which the trainer tolerates.
 
-Determinism rule: the step membership and order (step 1) depend only on (seed, epoch, n, G),
-never on the lengths nor the world size, so every backbone of a sweep sees the same samples in
-the same steps; lengths (tokenizer-dependent) only change steps 2 and 3. Steps 2 and 3 use
-integer arithmetic and fully specified tie-breaks, so the native (C++, `csrc/planner.cpp`) and
-the numpy backends give identical plans (tested on random inputs).
+Determinism rule: the step membership and order (step 1) depend only on (seed, epoch, n, G, and
+the per-sample modality when grouped), never on the lengths nor the world size, so every backbone
+of a sweep sees the same samples in the same steps; lengths (tokenizer-dependent) only change
+steps 2 and 3. Steps 2 and 3 use integer arithmetic and fully specified tie-breaks, so the native
+(C++, `csrc/planner.cpp`) and the numpy backends give identical plans (tested on random inputs).
 
 A step with fewer samples than ranks cannot give every rank work: `plan_epoch` raises
 `ValueError` (global_batch < world_size, or a short last step without ``drop_last``).
@@ -147,8 +154,10 @@ def plan_epoch(
     epoch: int = 0,
     drop_last: bool = False,
     backend: str = "auto",
+    modality: Sequence[bool] | np.ndarray | None = None,
 ) -> EpochPlan:
-    """Plan one epoch (see the module docstring). ``lengths``: (n,) positive token counts per sample.
+    """Plan one epoch (see the module docstring). ``lengths``: (n,) positive token counts per sample;
+    ``modality``: None, or (n,) bools (True: the sample has an image) to make steps single-modality.
 
     backend: "native" (C++, raises if not built), "python" (numpy), "auto" (native when built).
     Raises ValueError on invalid arguments or when a step would hold fewer samples than ranks.
@@ -164,7 +173,13 @@ def plan_epoch(
             f"the last step holds {n_used % G} samples (n={n}, global_batch={G}) < world_size ({W}); "
             "pass drop_last=True or change global_batch"
         )
-    order = np.random.Generator(np.random.PCG64(seed + epoch * EPOCH_PRIME)).permutation(n).astype(np.int64)
+    rng = np.random.Generator(np.random.PCG64(seed + epoch * EPOCH_PRIME))
+    order = rng.permutation(n).astype(np.int64)
+    if modality is not None:
+        has_image = np.asarray(modality, dtype=bool)
+        if has_image.shape != (n,):
+            raise ValueError(f"modality must have one bool per sample, shape ({n},), got {has_image.shape}")
+        order = _group_by_modality(order, has_image, G, rng)
     order, dropped = order[:n_used].copy(), order[n_used:].copy()
     num_steps = -(-n_used // G)
     step_offsets = np.minimum(np.arange(num_steps + 1, dtype=np.int64) * G, n_used)
@@ -200,6 +215,21 @@ def plan_epoch(
         dropped=dropped,
         backend="native" if use_native else "python",
     )
+
+
+def _group_by_modality(order: np.ndarray, has_image: np.ndarray, G: int, rng: np.random.Generator) -> np.ndarray:
+    """``order`` regrouped into single-modality steps of G, the two leftover chunks last (module docstring)."""
+    in_order = has_image[order]
+    groups = [order[in_order], order[~in_order]]
+    if not (len(groups[0]) and len(groups[1])):
+        return order  # one modality only: nothing to group
+    steps, rest = [], []
+    for g in groups:
+        k = (len(g) - 1) // G  # full chunks before the last one
+        steps += [g[i * G : (i + 1) * G] for i in range(k)]
+        rest.append(g[k * G :])
+    shuffled = [steps[i] for i in rng.permutation(len(steps))]
+    return np.concatenate(shuffled + [np.sort(np.concatenate(rest))]).astype(np.int64)
 
 
 def _pack_steps_numpy(order: np.ndarray, lens: np.ndarray, G: int, W: int, budget: int):

@@ -45,12 +45,18 @@ from barnfast.training.runinfo import write_run_record
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_ratio: float) -> float:
-    """Cosine schedule with linear warm-up (LLaVA-1.5: 3%), a pure function of the step (0-based)."""
+    """Cosine schedule with linear warm-up (LLaVA-1.5: 3%), a pure function of the step (0-based).
+
+    Exactly transformers' ``get_cosine_schedule_with_warmup`` as LLaVA's HF Trainer drives it: warm-up
+    steps ``ceil(total * warmup_ratio)`` (``TrainingArguments.get_warmup_steps``), ``lr = base * step /
+    warmup`` during warm-up, so step 0 runs at lr 0 (LLaVA-1.5 stage 2, 665,298 / 128 = 5198 steps: 156 warm-up steps),
+    then ``0.5 * (1 + cos(pi * progress))``, clamped at 0.
+    """
     warmup = math.ceil(total_steps * warmup_ratio)
     if step < warmup:
-        return base_lr * (step + 1) / warmup
+        return base_lr * step / max(1, warmup)
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def seed_everything(seed: int) -> None:
@@ -220,6 +226,10 @@ class Trainer:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # -- data ---------------------------------------------------------------------------------
+    def image_aspect(self, stage) -> str:
+        """The stage's image preprocessing: its own ``image_aspect``, else ``data.image_aspect``."""
+        return self.recipe.data.image_aspect if stage.image_aspect == "data" else stage.image_aspect
+
     def build_dataset(self, stage) -> StageDataset:
         path, image_root = stage_data(self.recipe, stage.name)
         template = "plain" if stage.template == "plain" else (
@@ -234,8 +244,9 @@ class Trainer:
         data = StageDataset(
             samples, tokenizer=self.tokenizer, template=template,
             image_token_id=self.model.image_token_id, image_root=image_root, max_length=self.max_length,
-            image_spec=self.vision.image_spec(self.recipe.data.image_aspect,
+            image_spec=self.vision.image_spec(self.image_aspect(stage),
                                               size=s2_input_size(self.vision, self.model.s2_scales)),
+            overlong=self.recipe.data.overlong, image_at_turn_start=self.recipe.data.image_at_turn_start,
             max_skip_fraction=self.recipe.data.max_skip_fraction,
             skipped_path=stage_dir / "skipped_samples.jsonl" if self.dist.is_main else None,
             show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
@@ -250,7 +261,7 @@ class Trainer:
             # The frozen tower's features, encoded once per image (ranks share the missing ones) and
             # served instead of pixels; padded (LLaVA-way) batches keep pixels.
             cache = VisionFeatureCache(r.data.vision_cache, vision_cache_settings(
-                self.vision, s2_scales=self.model.s2_scales, image_aspect=r.data.image_aspect,
+                self.vision, s2_scales=self.model.s2_scales, image_aspect=self.image_aspect(stage),
                 dtype=r.data.vision_cache_dtype, seed=r.train.seed, vision_path=r.model.vision_path,
                 weights_id=self.fingerprint.fields["identity.vision"], image_spec=data.image_spec))
 
@@ -271,7 +282,9 @@ class Trainer:
         plan = packing.plan_epoch(data.lengths, global_batch=stage.global_batch,
                                   token_budget=self.recipe.train.token_budget, world_size=W,
                                   seed=self.recipe.train.seed, epoch=epoch,
-                                  drop_last=0 < n % stage.global_batch < W)
+                                  drop_last=0 < n % stage.global_batch < W,
+                                  modality=np.array([bool(e.images) for e in data.items]) if stage.group_by_modality
+                                  else None)
         over = int((data.lengths > self.recipe.train.token_budget).sum())
         if over and self.dist.is_main and epoch == 0:
             warnings.warn(f"{stage.name}: {over} sample(s) are longer than train.token_budget="
@@ -513,7 +526,8 @@ class Trainer:
         """The final model as a Hugging Face folder (LoRA merged on request; FSDP shards gathered first)."""
         dest = self.out / "export"
         meta = {"backbone": self.backbone.name, "chat_template": self.backbone.chat_template,
-                "stop_tokens": list(self.backbone.stop_tokens), "image_aspect": self.recipe.data.image_aspect,
+                "stop_tokens": list(self.backbone.stop_tokens),
+                "image_aspect": self.image_aspect(self.recipe.stages[-1]),  # the last stage's: what it was tuned on
                 "seed": self.recipe.train.seed}
         model = self.model
         if self._fsdp is not None:  # every rank takes part in the gather; rank 0 rebuilds an unsharded copy
