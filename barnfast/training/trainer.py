@@ -37,6 +37,7 @@ from barnfast.models.s2 import input_size as s2_input_size
 from barnfast.models.vlm import build_model
 from barnfast.training import checkpoint, distributed
 from barnfast.training import flops as flops_lib
+from barnfast.training.lock import OutputDirLock
 from barnfast.training.parallel import gradient_sync
 from barnfast.training.runinfo import write_run_record
 
@@ -76,6 +77,12 @@ def stage_data(recipe: Recipe, stage_name: str) -> tuple[Path, Path]:
     ensure_synthetic(root, num_stage1=recipe.data.synthetic_stage1, num_stage2=recipe.data.synthetic_stage2,
                      num_eval=recipe.data.synthetic_eval, seed=0)
     return root / f"{stage_name}.json", root
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: a scheduler signals the whole process group, and the main
+    process alone finishes the step and saves (a worker dying of it would crash the run, no checkpoint)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class NonFiniteError(RuntimeError):
@@ -152,8 +159,7 @@ class Trainer:
         state = checkpoint.read_state(ckpt) if ckpt is not None else None
         if state is not None and state.stage not in names:
             raise RuntimeError(f"checkpoint {ckpt} is of stage {state.stage!r}, not in this recipe's stages {names}")
-        if state is not None:
-            self._truncate_metrics(names, state)
+        self._truncate_logs(names, state)
         for i, stage in enumerate(self.recipe.stages):
             if state is not None and (i < names.index(state.stage) or (stage.name == state.stage and state.stage_done)):
                 if stage.name == state.stage:  # finished stage: its parameters seed the next one
@@ -163,14 +169,35 @@ class Trainer:
                 continue
             self.run_stage(stage, resume=ckpt if state is not None and stage.name == state.stage else None)
 
-    def _truncate_metrics(self, names: list[str], state: checkpoint.TrainerState) -> None:
-        """Drop metrics of steps after the checkpoint: the resumed run logs them again."""
-        if not self.dist.is_main or not self.metrics_path.exists():
+    def _truncate_logs(self, names: list[str], state: checkpoint.TrainerState | None) -> None:
+        """Drop the rows of ``metrics.jsonl`` and ``nonfinite_steps.jsonl`` that this run logs again.
+
+        A stage of this run keeps its rows only before the resumed step (all of them when it is
+        finished; none when the run starts without a checkpoint), so a resume, or a restart from
+        scratch, never duplicates a step. Rows of stages outside this run stay; a line that does not
+        parse (the torn last line of a run killed mid-write) is dropped.
+        """
+        if not self.dist.is_main:
             return
-        keep_before = (names.index(state.stage), state.step)
-        rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
-        kept = [r for r in rows if (names.index(r["stage"]), r["step"]) < keep_before]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        done = names[:names.index(state.stage)] if state is not None else []
+
+        def keep(row: dict) -> bool:
+            if row.get("stage") not in names or row["stage"] in done:
+                return True
+            return state is not None and row["stage"] == state.stage and row.get("step", 0) < state.step
+
+        for path in (self.metrics_path, self.out / "nonfinite_steps.jsonl"):
+            if not path.exists():
+                continue
+            rows = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # the torn last line of a killed run
+                    continue
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if isinstance(r, dict) and keep(r)))
+            tmp.replace(path)
 
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, stage) -> StageDataset:
@@ -348,9 +375,13 @@ class Trainer:
         flat = [mb for mbs in per_step for mb in mbs]
         ds = MicroBatches(data, flat, packed=self.recipe.train.packing)
         nw = self.recipe.data.num_workers
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
+        # after a resume restored it, so dropout (LoRA) would differ from the uninterrupted run.
+        generator = torch.Generator().manual_seed(self.recipe.train.seed)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw,
                                              persistent_workers=False, prefetch_factor=4 if nw else None,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda", generator=generator,
+                                             worker_init_fn=_ignore_sigterm if nw else None)
         it = iter(loader)
         for mbs in per_step:
             yield [next(it) for _ in mbs]
@@ -476,6 +507,8 @@ def run(recipe: Recipe, *, resume: bool = False, show_progress: bool = True) -> 
     """Train every stage of ``recipe`` and export; 143 when preempted by SIGTERM (checkpoint saved)."""
     backbones.from_name(recipe.model.backbone)  # unknown name → error listing the known ones, before any work
     info = distributed.init_distributed()
+    # Rank 0 holds the output folder; under torchrun its failure here stops the other ranks.
+    lock = OutputDirLock(recipe.output_dir, "barnfast train").acquire() if info.is_main else None
     try:
         trainer = Trainer(recipe, info, show_progress=show_progress)
         try:
@@ -487,5 +520,7 @@ def run(recipe: Recipe, *, resume: bool = False, show_progress: bool = True) -> 
         finally:
             trainer.close()
     finally:
+        if lock is not None:
+            lock.release()
         distributed.close(info)
     return 0
