@@ -73,6 +73,9 @@ class DataConfig:
     """LLaVA JSON/JSONL of stage 2 (instructions); None: the built-in synthetic set."""
     image_root: str | None = None
     """Folder the ``image`` paths of the data files are relative to (default: the data file's folder)."""
+    allow_outside_image_root: bool = False
+    """False: an ``image`` path that is absolute or resolves outside ``image_root`` (``..``, a symlink out)
+    skips its sample, listed; True: such paths are read (the data is trusted)."""
     synthetic_dir: str | None = None
     """Where the built-in synthetic data lives; None: ``<output_dir>/data``."""
     synthetic_stage1: int = 512

@@ -42,7 +42,7 @@ import os
 import random
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,8 @@ class TrainerState:
     stage_done: bool  # True for the end-of-stage checkpoint
     samples_seen: int
     nonfinite_in_a_row: int = 0
+    # [sample id, reason, step] of samples whose image failed to decode in the loader so far in the stage
+    skipped_in_loader: list = field(default_factory=list)
 
 
 # -- RNG states as tensors and plain numbers (loadable with weights_only=True) ----------------------

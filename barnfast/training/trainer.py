@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from barnfast.config import Recipe
 from barnfast.data import packing
-from barnfast.data.dataset import MicroBatches, StageDataset
+from barnfast.data.dataset import MicroBatches, StageDataset, TooManySkippedError
 from barnfast.data.llava import load_llava_json
 from barnfast.data.synthetic import ensure_synthetic
 from barnfast.data.vision_cache import VisionFeatureCache
@@ -215,6 +215,7 @@ class Trainer:
             skipped_path=stage_dir / "skipped_samples.jsonl" if self.dist.is_main else None,
             show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
             num_image_tokens=self.model.visual_tokens_per_image,
+            allow_outside_image_root=self.recipe.data.allow_outside_image_root,
         )
         r = self.recipe
         if r.data.vision_cache and r.train.packing:
@@ -305,9 +306,11 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = self.build_optimizer(params, stage)
         start, nonfinite = 0, 0
+        self._loader_skips: dict[str, list] = {}  # sample id -> [id, reason, step]: images failed in the loader
         if resume is not None:
             state = checkpoint.load_checkpoint(resume, module, opt, d)
             start, nonfinite, self.samples_seen = state.step, state.nonfinite_in_a_row, state.samples_seen
+            self._record_loader_skips(stage, data, state.skipped_in_loader)  # the file was rewritten by the build
         bar = tqdm(total=total, initial=start, desc=stage.name, disable=not self.show_progress, dynamic_ncols=True)
         history = []
         step = start
@@ -319,6 +322,7 @@ class Trainer:
             for k, mbs in enumerate(self._loader(data, plan, range(first, first + count))):
                 rec = self.train_step(module, opt, params, stage, mbs, step, total)
                 rec["epoch"] = epoch
+                self._record_loader_skips(stage, data, [[i, why, step] for i, why in rec.pop("decode_skipped")])
                 if rec["skipped"]:
                     nonfinite += 1
                     self._log_nonfinite(stage, data, plan, first + k, step, rec)
@@ -333,7 +337,8 @@ class Trainer:
                                 **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}))
                 bar.update(1)
                 step += 1
-                state = checkpoint.TrainerState(stage.name, step, step >= total, self.samples_seen, nonfinite)
+                state = checkpoint.TrainerState(stage.name, step, step >= total, self.samples_seen, nonfinite,
+                                                list(self._loader_skips.values()))
                 if nonfinite > r.train.max_nonfinite_in_a_row:
                     self.save(module, opt, state)
                     raise NonFiniteError(
@@ -347,8 +352,31 @@ class Trainer:
                 if step < total and r.train.checkpoint_every and step % r.train.checkpoint_every == 0:
                     self.save(module, opt, state)
         bar.close()
-        self.save(module, opt, checkpoint.TrainerState(stage.name, step, True, self.samples_seen, nonfinite))
+        self.save(module, opt, checkpoint.TrainerState(stage.name, step, True, self.samples_seen, nonfinite,
+                                                       list(self._loader_skips.values())))
         return history
+
+    def _record_loader_skips(self, stage, data: StageDataset, rows: list) -> None:
+        """List samples whose image failed to decode in the loader (once per id) in ``skipped_samples.jsonl``,
+        and stop the stage when the skipped share (encode time + loader) passes ``data.max_skip_fraction``."""
+        new = [r for r in rows if r[0] not in self._loader_skips]
+        if not new:
+            return
+        for r in new:
+            self._loader_skips[r[0]] = list(r)
+        if self.dist.is_main:
+            with open(self.out / stage.name / "skipped_samples.jsonl", "a") as f:
+                for sid, reason, step in new:
+                    f.write(json.dumps({"id": sid, "reason": reason, "step": step, "where": "loader"}) + "\n")
+            warnings.warn(f"{stage.name}: {len(new)} sample(s) skipped, image failed to decode in the loader: "
+                          f"{new[0][0]}: {new[0][1]}", stacklevel=2)
+        skipped, total = len(data.skipped) + len(self._loader_skips), data.num_samples
+        limit = self.recipe.data.max_skip_fraction
+        if skipped / total > limit:
+            raise TooManySkippedError(
+                f"{stage.name}: {skipped} of {total} samples ({skipped / total:.1%}) were skipped "
+                f"as bad input ({len(self._loader_skips)} of them because an image failed to decode in the loader), "
+                f"more than data.max_skip_fraction={limit:.1%}; see {self.out / stage.name / 'skipped_samples.jsonl'}")
 
     def save(self, module, opt, state: checkpoint.TrainerState) -> Path:
         return checkpoint.save_checkpoint(self.out / "checkpoints", module, opt, state, self.dist,
@@ -407,6 +435,7 @@ class Trainer:
     def train_step(self, module, opt, params, stage, batches, step: int, total: int) -> dict:
         d = self.dist
         t0 = time.perf_counter()
+        dropped = [list(x) for b in batches for x in getattr(b, "dropped", ())]  # images that failed to decode
         batches = [b.to(self.device) for b in batches]
         # The loss normaliser: target tokens of the whole global batch, counted and reduced on device.
         local_targets = torch.stack([b.num_targets for b in batches]).sum().float()
@@ -425,7 +454,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         step_loss = distributed.all_reduce_sum(loss_sum, d) / d.world_size
         finite = bool(torch.isfinite(step_loss).item() and torch.isfinite(grad_norm).item())
-        if finite:
+        if finite and global_targets.item() > 0:  # no target left (every image failed): no update, no decay
             opt.step()
         opt.zero_grad(set_to_none=True)
         f64 = dict(device=self.device, dtype=torch.float64)
@@ -436,8 +465,13 @@ class Trainer:
             torch.tensor(float(sum(b.num_tokens for b in batches)), **f64),
             torch.tensor(float(sum(len(b.sample_ids) for b in batches)), **f64),
             torch.tensor(float(sum(b.num_images for b in batches)), **f64),
+            torch.tensor(float(len(dropped)), **f64),
         ])
-        real, len_sq, computed, n_samples, n_images = distributed.all_reduce_sum(stats, d).tolist()
+        real, len_sq, computed, n_samples, n_images, n_dropped = distributed.all_reduce_sum(stats, d).tolist()
+        if n_dropped and d.enabled:  # rare: every rank learns every rank's failures, so all count alike
+            gathered = [None] * d.world_size
+            torch.distributed.all_gather_object(gathered, dropped)
+            dropped = [x for part in gathered for x in part]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -452,6 +486,7 @@ class Trainer:
             "samples_seen": self.samples_seen, "step_time_s": dt, "target_tokens": int(global_targets.item()),
             "tflops_per_device": flops / dt / d.world_size / 1e12,
             "mfu": None if peak is None else flops / dt / d.world_size / peak,
+            "decode_skipped": dropped,
         }
 
     def export(self) -> Path:
