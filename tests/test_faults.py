@@ -88,7 +88,8 @@ def test_a_second_run_on_one_output_folder_is_refused(tmp_path):
         sweep_out = tmp_path / "sweep"
         with OutputDirLock(sweep_out, "barnfast sweep"):
             with pytest.raises(OutputDirLockedError, match="barnfast sweep"):
-                sweep.main(["--backbones", "llama1-tiny", "--output-dir", str(sweep_out), "--no-eval"])
+                sweep.main(["--backbones", "llama1-tiny", "--output-dir", str(sweep_out), "--no-eval",
+                            "--max-steps", "1", "--stage1-samples", "16", "--stage2-samples", "16"])
     finally:
         holder.release()
     with OutputDirLock(out):  # released: free again
