@@ -123,3 +123,53 @@ def test_logs_are_never_duplicated_and_a_missing_latest_is_rebuilt(tmp_path):
     assert main(argv) == 0
     assert _metrics(out) == ref
     assert (out / "nonfinite_steps.jsonl").read_text() == ""
+
+
+def _two_rank_checkpoint(rank: int, world: int, root: str, port: int) -> None:
+    """One gloo rank: save, load back, then load again after rank 0 damaged a file that rank 1 checks."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        info = distributed.DistInfo(rank, world, 0, torch.device("cpu"))
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randn(4, 8)).square().sum().backward()
+        opt.step()
+        path = checkpoint.save_checkpoint(root, model, opt, checkpoint.TrainerState("stage1", 1, False, 4), info)
+        other = torch.nn.Linear(8, 8)
+        other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+        checkpoint.load_checkpoint(path, other, other_opt, info)
+        assert torch.equal(other.weight, model.weight)
+        names = sorted(json.loads((path / "MANIFEST.json").read_text())["files"])
+        dist.barrier()
+        if rank == 0:  # a file of rank 1's share (each rank checks every world_size-th name)
+            target = path / names[1]
+            target.write_bytes(bytes(b ^ 0xFF for b in target.read_bytes()))
+        dist.barrier()
+        try:
+            checkpoint.load_checkpoint(path, other, other_opt, info)
+            message = "loaded"
+        except checkpoint.CheckpointError as exc:
+            message = str(exc)
+        Path(root, f"rank{rank}.txt").write_text(f"{names[1]}\n{message}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checksums_are_written_and_checked_by_all_ranks_together(tmp_path):
+    """Two gloo ranks share the hashing and the check; a damaged file makes every rank raise (none hangs)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_checkpoint, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    name, rank0 = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    _, rank1 = (tmp_path / "rank1.txt").read_text().split("\n", 1)
+    assert f"{name} does not match its sha256" in rank1 or f"{name} has" in rank1, rank1
+    assert "checked by another rank" in rank0, rank0
