@@ -321,13 +321,21 @@ def _write_files(tmp: Path, model, optimizer, state: TrainerState, info: distrib
     if model_extra:
         raise CheckpointError(f"checkpoint: non-tensor model state entries {sorted(model_extra)}")
     with _single_process_quiet(info):
-        dcp.save(payload, checkpoint_id=tmp, no_dist=not info.enabled)
-    torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
-    if info.is_main:
-        if optimizer is not None:
-            _write_synced(tmp / OPTIM_EXTRA, json.dumps(extra, indent=1))
-        _write_synced(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2))
-    distributed.barrier(info)
+        dcp.save(payload, checkpoint_id=tmp, no_dist=not info.enabled)  # collective: raises on every rank
+    failure = None
+    try:
+        torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
+        if info.is_main:
+            if optimizer is not None:
+                _write_synced(tmp / OPTIM_EXTRA, json.dumps(extra, indent=1))
+            _write_synced(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2))
+    except (OSError, RuntimeError) as exc:
+        failure = exc
+    # Every rank learns whether a rank's own writes failed, so all raise together (none waits in a barrier).
+    failed = torch.tensor([0.0 if failure is None else 1.0], device=info.device)
+    if distributed.all_reduce_sum(failed, info).item() > 0:
+        raise failure or OSError(errno.ENOSPC if shutil.disk_usage(tmp).free == 0 else errno.EIO,
+                                 f"a write into {tmp} failed on another rank (see its log)")
     _write_manifest(tmp, info)
     if info.is_main:
         _write_synced(tmp / COMPLETE, "ok\n")
