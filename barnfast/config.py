@@ -8,7 +8,10 @@ and a bad value raises :class:`~barnfast.errors.ConfigError` naming the field, b
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +73,9 @@ class DataConfig:
     """LLaVA JSON/JSONL of stage 2 (instructions); None: the built-in synthetic set."""
     image_root: str | None = None
     """Folder the ``image`` paths of the data files are relative to (default: the data file's folder)."""
+    allow_outside_image_root: bool = False
+    """False: an ``image`` path that is absolute or resolves outside ``image_root`` (``..``, a symlink out)
+    skips its sample, listed; True: such paths are read (the data is trusted)."""
     synthetic_dir: str | None = None
     """Where the built-in synthetic data lives; None: ``<output_dir>/data``."""
     synthetic_stage1: int = 512
@@ -192,6 +198,7 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient norm are skipped; more than this many in a row stop the run."""
 
     def __post_init__(self):
+        _check(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         _check(self.token_budget >= 16, "train.token_budget", f"must be >= 16, got {self.token_budget}")
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto|fp32|bf16, got {self.dtype!r}")
@@ -248,11 +255,80 @@ class Recipe:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraSection}
 
 
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a finite number", str: "a string",
+            type(None): "unset"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _type_error(tp, value) -> str | None:
+    """Why ``value`` (as TOML or ``--set`` gives it) is not of the annotated type ``tp``; None when it is.
+
+    Strict on purpose: ``"False"`` is not a bool (it would be truthy), ``true`` is not a float (lr 1.0),
+    ``1.5`` is not an int (fractional epochs are not supported), ``inf`` / ``nan`` are no numbers.
+    """
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = [_type_error(a, value) for a in args if a is not type(None)]
+        return None if any(e is None for e in errors) else errors[0]
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            return f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        for i, item in enumerate(value):
+            why = _type_error(typing.get_args(tp)[0], item)
+            if why:
+                return f"item {i}: {why}"
+        return None
+    got = f"got {value!r} ({type(value).__name__})"
+    if tp is bool:
+        if isinstance(value, bool):
+            return None
+        hint = ""
+        if isinstance(value, str) and value.strip().strip("\"'").lower() in ("true", "false", "yes", "no", "on", "off",
+                                                                              "1", "0"):
+            hint = "; use true or false, lower case and without quotes (e.g. --set train.packing=false)"
+        return f"expected {_type_name(tp)}, {got}{hint}"
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None
+        hint = "; fractional values are not supported" if isinstance(value, float) else ""
+        return f"expected {_type_name(tp)}, {got}{hint}"
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected {_type_name(tp)}, {got}"
+        return None if math.isfinite(value) else f"expected {_type_name(tp)}, {got}"
+    if tp is str:
+        return None if isinstance(value, str) else f"expected {_type_name(tp)}, {got}"
+    return None  # a type this checker does not know: the dataclass's own __post_init__ has the word
+
+
+def check_types(cls, values: dict, where: str) -> None:
+    """Refuse a value whose type differs from the field's annotation, naming ``<where>.<field>``.
+
+    Built from the dataclass annotations, so a field added to any section is checked without more code.
+    """
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        why = _type_error(hints[name], value)
+        if why:
+            raise ConfigError(f"{where}.{name}: {why}")
+
+
 def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: must be a table of fields, got {values!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    if cls is StageConfig and isinstance(values.get("name"), str):
+        where = f"stages[{values['name']}]"  # the name __post_init__ uses in its messages
+    check_types(cls, values, where)
     return cls(**values)
 
 
@@ -262,7 +338,10 @@ def recipe_from_dict(d: dict) -> Recipe:
     if top:
         raise ConfigError(f"recipe: unknown section(s) {sorted(top)}")
     kwargs = {name: _build(cls, d.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    if not isinstance(d.get("stages", []), list):
+        raise ConfigError(f"stages: must be a list of [[stages]] tables, got {d['stages']!r}")
     stages = [_build(StageConfig, s, f"stages[{i}]") for i, s in enumerate(d.get("stages", []))]
+    check_types(Recipe, {"output_dir": d.get("output_dir", "runs/default")}, "recipe")
     return Recipe(**kwargs, stages=stages or [StageConfig()], output_dir=d.get("output_dir", "runs/default"))
 
 
@@ -284,8 +363,17 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> Recipe:
     A stage field is overridden for every stage with ``stages.<field>`` or for one with
     ``stage1.<field>`` / ``stage2.<field>``.
     """
-    with open(resolve_recipe_path(name_or_path), "rb") as f:
-        d = tomllib.load(f)
+    path = resolve_recipe_path(name_or_path)
+    raw = path.read_bytes()
+    try:
+        d = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        # tomllib says "(at line L, column C)", or "(at end of document)" for an unclosed table or array.
+        lines = raw.count(b"\n") + 1
+        raise ConfigError(f"{path}: not valid TOML: {e} (the file has {lines} lines)") from None
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -65,6 +65,7 @@ import sys
 from pathlib import Path
 
 from barnfast import train
+from barnfast.training.lock import OutputDirLock
 
 EVAL_FILES = ("eval_open.jsonl", "eval_mc.jsonl", "eval_yesno.jsonl")
 # Keys of sweep.json that must match when a sweep is started again on the same folder.
@@ -476,6 +477,8 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # One sweep per folder; the lock is released when main returns (the object is dropped) or the process exits.
+    _lock = OutputDirLock(out, "barnfast sweep").acquire() if rank == 0 else None  # noqa: F841
     check_config(out / "sweep.json", cfg)
     check_evals(cfg, args.no_eval)
     # Before any training: one set of samples for every backbone, then every run folder's fingerprint.

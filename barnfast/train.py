@@ -29,6 +29,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from barnfast.config import Recipe, load_recipe
+from barnfast.errors import ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,7 +103,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         overrides[key.strip()] = _parse_value(value.strip())
     recipe = load_recipe(name, overrides)
     if args.stages:
-        wanted = [s.strip() for s in args.stages.split(",")]
+        wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        known = [s.name for s in recipe.stages]
+        unknown = [w for w in wanted if w not in known]
+        if unknown or not wanted:  # a typo would otherwise train nothing and export the untrained model
+            raise ConfigError(f"--stages: {', '.join(unknown) or repr(args.stages)} is not a stage of the recipe; "
+                              f"its stages are {', '.join(known)}")
         recipe.stages = [s for s in recipe.stages if s.name in wanted]
     return recipe
 

@@ -62,3 +62,64 @@ def test_cosine_schedule_with_warmup():
     assert max(lrs) == pytest.approx(base)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # monotone decay after warm-up
     assert lrs[-1] < 1e-3 * base * 10
+
+
+@pytest.mark.parametrize("argv, field, words", [
+    (["--set", "train.packing=False"], "train.packing", ["'False'", "use true or false"]),
+    (["--set", 'lora.enabled="false"'], "lora.enabled", ["'false'", "boolean"]),
+    (["--set", "stage1.lr=true"], r"stages\[stage1\].lr", ["True", "finite number"]),
+    (["--set", "stage2.lr=inf"], r"stages\[stage2\].lr", ["inf", "finite number"]),
+    (["--set", "stage2.lr=nan"], r"stages\[stage2\].lr", ["nan", "finite number"]),
+    (["--set", "stage2.lr=abc"], r"stages\[stage2\].lr", ["'abc'", "finite number"]),
+    (["--set", "stages.epochs=1.5"], r"stages\[stage1\].epochs", ["1.5", "integer", "fractional"]),
+    (["--set", "train.token_budget=1024.0"], "train.token_budget", ["1024.0", "integer"]),
+    (["--seed", "-1"], "train.seed", ["-1", ">= 0"]),
+    (["--set", "data.num_workers=true"], "data.num_workers", ["True", "integer"]),
+    (["--set", "model.s2_scales=[1, 2.5]"], "model.s2_scales", ["2.5", "integer"]),
+    (["--set", "model.backbone=3"], "model.backbone", ["3", "string"]),
+    (["--stages", "stage_2"], "--stages", ["stage_2", "stage1, stage2"]),
+])
+def test_wrong_types_are_refused_through_the_cli_before_any_work(tmp_path, argv, field, words):
+    """Each value is refused by barnfast.train.main naming the field, the value and the type, before the
+    trainer (which creates the output folder first) is reached."""
+    from barnfast.train import main
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=field) as info:
+        main(["--backbone", "llama1-tiny", "--output-dir", str(out), "--no-progress", *argv])
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert not out.exists()
+
+
+def test_checks_come_from_the_annotations_so_new_fields_are_covered():
+    from dataclasses import dataclass as dc
+
+    from barnfast.config import check_types
+
+    @dc
+    class NewSection:
+        flag: bool = False
+        ratio: float = 0.5
+        count: int | None = None
+
+    check_types(NewSection, {"flag": True, "ratio": 1, "count": None}, "new")  # int for float is fine
+    for values, word in [({"flag": "true"}, "new.flag"), ({"ratio": float("inf")}, "new.ratio"),
+                         ({"count": 2.0}, "new.count")]:
+        with pytest.raises(ConfigError, match=word):
+            check_types(NewSection, values, "new")
+
+
+def test_bad_toml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nseed = 1\npacking = tru\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML: .*line 3"):
+        load_recipe(str(bad))
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b'[train]\nseed = 1\ndtype = "\xff\xfe"\n')
+    with pytest.raises(ConfigError, match=r"binary\.toml: line 3 is not UTF-8"):
+        load_recipe(str(binary))
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('[train]\npacking = "no"\n')
+    with pytest.raises(ConfigError, match="train.packing: expected a boolean"):
+        load_recipe(str(wrong))

@@ -15,6 +15,13 @@ passes ``max_skip_fraction``. Nothing is dropped silently.
 expanded embeddings at ``tokenizer_model_max_length``; on expanded ids the two give the same cut). Two
 cases LLaVA trains silently are skipped with their reason: a cut through an image's slots (LLaVA keeps
 part of the image's 576 features) and a sample left with no target token before the cut (zero loss).
+
+An image can still fail to decode later, when a micro-batch is built (``verify()`` at encode time
+reads the headers and CRCs only, so a PNG whose compressed pixel data is corrupt passes it): that
+sample stays in its micro-batch with zero pixels and every label -100, so it adds no loss, no
+gradient and no target token to the step's normaliser, the plan, the micro-batch shapes and the data
+order stay those of every rank and of a resumed run, and ``batch.dropped`` carries ``(id, reason)``
+to the trainer, which lists it in ``skipped_samples.jsonl`` and counts it against the same threshold.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from barnfast.data.batch import PackedBatch, PaddedBatch, collate_packed, collate_padded
+from barnfast.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch, collate_packed, collate_padded
 from barnfast.data.chat import encode_conversation
-from barnfast.data.images import ImageSpec, load_image
+from barnfast.data.images import ImageSpec, load_image, resolve_image_path
 from barnfast.data.llava import Sample, validate_sample
 from barnfast.errors import SampleError
 
@@ -78,7 +85,8 @@ class StageDataset:
     def __init__(self, samples: list[Sample], *, tokenizer, template: str, image_token_id: int,
                  image_spec: ImageSpec, num_image_tokens: int, image_root: str | Path, max_length: int,
                  max_skip_fraction: float = 0.01, skipped_path: str | Path | None = None, show_progress: bool = True,
-                 pad_id: int = 0, overlong: str = "skip", image_at_turn_start: bool = False):
+                 pad_id: int = 0, overlong: str = "skip", image_at_turn_start: bool = False,
+                 allow_outside_image_root: bool = False):
         self.image_spec = image_spec  # the tower's preprocessing (size, mean/std, pad or resize)
         self.num_image_tokens = int(num_image_tokens)  # <image> expands to the projector's output count
         self.image_token_id = int(image_token_id)  # collate counts the placeholders on the host
@@ -93,7 +101,7 @@ class StageDataset:
                 validate_sample(s)  # structure, roles, an assistant turn, placeholders == images
                 if template == "plain" and len(s.images) != 1:
                     raise SampleError(f"stage-1 caption samples need exactly one image, got {len(s.images)}")
-                paths = [root / p for p in s.images]
+                paths = [resolve_image_path(root, p, allow_outside_image_root) for p in s.images]
                 for p in paths:
                     _check_image(p)
                 ids, labels = encode_conversation(tokenizer, template, s.conversations,
@@ -112,9 +120,15 @@ class StageDataset:
         self.lengths = np.array([len(e.input_ids) for e in self.items], dtype=np.int64)
         if skipped_path is not None:
             self.write_skipped(skipped_path)
-        total = len(samples)
-        share = len(self.skipped) / max(total, 1)
-        if share > max_skip_fraction or not self.items:
+        total = self.num_samples = len(samples)
+        if total == 0:
+            raise TooManySkippedError("the dataset is empty: no samples to train on")
+        share = len(self.skipped) / total
+        if not self.items:
+            first = "; ".join(f"{i}: {r}" for i, r in self.skipped[:5])
+            raise TooManySkippedError(f"none of the {total} samples can be trained on, all were skipped as bad input; "
+                                      f"see {skipped_path}. First: {first}")
+        if share > max_skip_fraction:
             first = "; ".join(f"{i}: {r}" for i, r in self.skipped[:5])
             raise TooManySkippedError(
                 f"{len(self.skipped)} of {total} samples ({share:.1%}) were skipped as bad input, more than "
@@ -158,10 +172,28 @@ class StageDataset:
             raise KeyError(paths)
         return torch.stack(feats)
 
+    def _sample_pixels(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+        """``(pixels, None)`` of sample ``i``, or ``(zeros of that shape, reason)`` when an image fails to decode."""
+        try:
+            return self.pixels(i), None
+        except SampleError as exc:
+            size = self.image_spec.size
+            return torch.zeros(len(self.items[i].images), 3, size, size), str(exc)
+
     def _gather(self, indices):
-        idx = [int(i) for i in indices]
-        return ([self.items[i].input_ids for i in idx], [self.items[i].labels for i in idx],
-                [self.pixels(i) for i in idx], [self.items[i].id for i in idx])
+        """(input ids, labels, pixels, sample ids, dropped): a sample whose image fails to decode keeps
+        its place with zero pixels and all labels -100, and ``(id, reason)`` goes to ``dropped``."""
+        ids, labels, pixels, names, dropped = [], [], [], [], []
+        for i in (int(i) for i in indices):
+            item = self.items[i]
+            px, error = self._sample_pixels(i)
+            ids.append(item.input_ids)
+            labels.append(item.labels if error is None else np.full_like(item.labels, IGNORE_INDEX))
+            pixels.append(px)
+            names.append(item.id)
+            if error is not None:
+                dropped.append((item.id, error))
+        return ids, labels, pixels, names, dropped
 
     def packed(self, indices) -> PackedBatch:
         if self.cache is not None:
@@ -174,10 +206,16 @@ class StageDataset:
                 return collate_packed([self.items[i].input_ids for i in idx], [self.items[i].labels for i in idx],
                                       [None] * len(idx), [self.items[i].id for i in idx], features=feats,
                                       image_token_id=self.image_token_id)
-        return collate_packed(*self._gather(indices), image_token_id=self.image_token_id)
+        *parts, dropped = self._gather(indices)
+        batch = collate_packed(*parts, image_token_id=self.image_token_id)
+        batch.dropped = dropped  # read by the trainer before the batch moves to the device
+        return batch
 
     def padded(self, indices) -> PaddedBatch:
-        return collate_padded(*self._gather(indices), pad_id=self.pad_id)
+        *parts, dropped = self._gather(indices)
+        batch = collate_padded(*parts, pad_id=self.pad_id)
+        batch.dropped = dropped
+        return batch
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -21,6 +21,29 @@ from barnfast.errors import SampleError
 PREPROCESS_MODES = ("pad", "resize")
 
 
+def resolve_image_path(root: str | Path, relative: str, allow_outside: bool = False) -> Path:
+    """The file an ``image`` field names, which must lie inside ``root`` unless ``allow_outside``.
+
+    Data is data: a record must not make the trainer read ``../../home/x/.ssh/id_rsa.png``, an absolute
+    path or a symlink that points out of the image root. The check is on the fully resolved path
+    (``..`` and every symlink followed), so it holds however the path is spelt. Raises ``SampleError``
+    (the sample is skipped and listed); ``data.allow_outside_image_root = true`` turns the check off.
+    """
+    root = Path(root)
+    path = Path(relative)
+    if allow_outside:
+        return path if path.is_absolute() else root / path
+    if path.is_absolute():
+        raise SampleError(f"image path {relative!r} is absolute; image paths are relative to the image root {root} "
+                          f"(set data.allow_outside_image_root=true to allow it)")
+    real_root = root.resolve()
+    real = (root / path).resolve()
+    if not real.is_relative_to(real_root):
+        raise SampleError(f"image path {relative!r} leaves the image root {root} (it resolves to {real}; set "
+                          f"data.allow_outside_image_root=true to allow it)")
+    return root / path  # as the data spells it (inside the root), so logs and cache keys read as before
+
+
 def load_image(path: str | Path) -> PIL.Image.Image:
     """Open ``path`` fully decoded as RGB.
 
@@ -37,7 +60,7 @@ def load_image(path: str | Path) -> PIL.Image.Image:
             # Palette/greyscale/alpha/16-bit images all become 8-bit RGB; alpha is dropped
             # (LLaVA does the same with .convert("RGB")).
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, zlib.error, SyntaxError, bombs...: any decoder error
         raise SampleError(f"corrupt image {path}: {type(e).__name__}: {e}") from e
 
 

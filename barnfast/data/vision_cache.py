@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from barnfast.errors import SampleError
+
 MAGIC = b"BFVC"
 VERSION = 1
 _HEADER = struct.Struct("<4sIIIIIQ")  # magic, version, P, C, dtype code, crc32, payload bytes
@@ -110,6 +112,7 @@ class VisionFeatureCache:
         self.dir = Path(root) / f"{settings.encoder}-{settings.digest()}"
         self.dtype, self._code = DTYPES[settings.dtype]
         self.recomputed = 0  # entries found truncated/corrupt and encoded again by fill()
+        self.failed: dict[Path, str] = {}  # images fill() could not decode (this rank's share): path -> reason
 
     # -- entries ----------------------------------------------------------------------------------
     def path(self, key: str) -> Path:
@@ -164,6 +167,8 @@ class VisionFeatureCache:
         ``load(path)`` gives the preprocessed ``(3, s·S, s·S)`` pixels, ``encode(pixels)`` the
         ``(n, P, C)`` features. Rank ``r`` of ``world_size`` encodes every ``world_size``-th missing
         image. Before writing, the size is printed (``log``) and checked against the free disk space.
+        An image that ``load`` cannot decode (``SampleError``) gets no entry and is recorded in ``failed``;
+        the micro-batches holding it fall back to pixels, where the sample is skipped and listed.
         """
         keys = {Path(p): image_key(p) for p in dict.fromkeys(Path(p) for p in paths)}
         first_path: dict[str, Path] = {}
@@ -190,12 +195,20 @@ class VisionFeatureCache:
         self.recomputed += corrupt if rank == 0 else 0
         bar = tqdm(total=len(mine), desc="vision cache", unit="img", disable=not show_progress, mininterval=1.0)
         for i in range(0, len(mine), batch_size):
-            chunk = mine[i:i + batch_size]
-            pixels = torch.stack([load(first_path[k]) for k in chunk])
-            feats = encode(pixels)
-            for k, f in zip(chunk, feats):
-                self.put(k, f)
-            bar.update(len(chunk))
+            chunk, pixels = [], []
+            for k in mine[i:i + batch_size]:
+                try:
+                    pixels.append(load(first_path[k]))
+                    chunk.append(k)
+                except SampleError as exc:  # no entry: its micro-batches decode it, fail, and list the sample
+                    self.failed[first_path[k]] = str(exc)
+                    if log is not None:
+                        log(f"vision cache: not cached, {exc}")
+            if chunk:
+                feats = encode(torch.stack(pixels))
+                for k, f in zip(chunk, feats):
+                    self.put(k, f)
+            bar.update(len(mine[i:i + batch_size]))
         bar.close()
         return keys
 

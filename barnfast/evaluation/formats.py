@@ -237,7 +237,223 @@ def _scienceqa(problems: dict, root: Path, split: str) -> list[EvalItem]:
     return items
 
 
-import os
-import re
-import sys
-from collections import defaultdict
+# -- benchmarks of the papers' tables, in their official layouts -----------------------------------------
+
+
+def _options_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
+    lines = "\n".join(f"{k}. {v}" for k, v in options.items())
+    context = f"{hint}\n" if hint else ""
+    return f"{context}{question}\n{lines}\n{LETTER_ANSWER}"
+
+
+def _gqa(records: dict, root: Path, path: Path) -> list[EvalItem]:
+    items = []
+    for qid, q in records.items():
+        for key in ("question", "answer", "imageId"):
+            if key not in q:
+                raise ValueError(f"{path}: GQA question {qid} has no {key!r}")
+        items.append(EvalItem(id=str(qid), task="open", category=str((q.get("types") or {}).get("structural", "gqa")),
+                              prompt=f"{q['question']}\n{SHORT_ANSWER}", answer=str(q["answer"]),
+                              image=root / f"{q['imageId']}.jpg", answers=[str(q["answer"])]))
+    return items
+
+
+def _textvqa(records: dict, root: Path, path: Path) -> list[EvalItem]:
+    items = []
+    for q in records["data"]:
+        if not q.get("answers"):
+            raise ValueError(f"{path}: TextVQA question {q.get('question_id')} has no 'answers' (the test split "
+                             "has none; use the val file)")
+        answers = [str(a) for a in q["answers"]]
+        # The reference for exact match is the most frequent answer; scoring is the VQA accuracy over all 10.
+        top = max(dict.fromkeys(answers), key=answers.count)
+        items.append(EvalItem(id=str(q["question_id"]), task="open", category="textvqa",
+                              prompt=f"{q['question']}\n{SHORT_ANSWER}", answer=top,
+                              image=root / f"{q['image_id']}.jpg", answers=answers))
+    return items
+
+
+def _seed(records: dict, root: Path, path: Path) -> list[EvalItem]:
+    types = {int(v): k for k, v in records["question_type"].items()}
+    items = []
+    for q in records["questions"]:
+        if q.get("data_type", "image") != "image":
+            continue  # the video questions need frames, not one image
+        options = {k.upper(): str(q[f"choice_{k}"]) for k in "abcd"}
+        items.append(EvalItem(id=str(q["question_id"]), task="mc",
+                              category=types.get(int(q.get("question_type_id", -1)), "seed"),
+                              prompt=_options_prompt(q["question"], options), answer=str(q["answer"]).strip().upper(),
+                              image=root / q["data_id"], answers=[str(q["answer"]).strip().upper()], options=options))
+    return items
+
+
+def _mme(root: Path, image_root) -> list[EvalItem]:
+    if not root.is_dir():
+        raise ValueError(f"MME: {root} is not the release folder (one folder per subtask)")
+    items = []
+    for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        qa_dir = task_dir / "questions_answers_YN" if (task_dir / "questions_answers_YN").is_dir() else task_dir
+        img_dir = task_dir / "images" if (task_dir / "images").is_dir() else task_dir
+        for txt in sorted(qa_dir.glob("*.txt")):
+            image = next((p for p in img_dir.glob(f"{txt.stem}.*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")),
+                         None)
+            if image is None:
+                raise ValueError(f"MME: no image for {txt} in {img_dir}")
+            lines = [x for x in txt.read_text(encoding="utf-8").splitlines() if x.strip()]
+            for k, line in enumerate(lines):
+                question, sep, answer = line.rpartition("\t")
+                if not sep:
+                    raise ValueError(f"MME: {txt} line {k + 1} is not 'question<TAB>answer': {line!r}")
+                items.append(EvalItem(id=f"{task_dir.name}/{txt.stem}/{k}", task="yesno", category=task_dir.name,
+                                      prompt=question.strip(), answer=_yes_no(answer), image=image,
+                                      answers=[_yes_no(answer)]))
+    if not items:
+        raise ValueError(f"MME: {root} holds no subtask folders with question files")
+    return items
+
+
+def _ai2d(root: Path, image_root) -> list[EvalItem]:
+    qdir = root / "questions"
+    if not qdir.is_dir():
+        raise ValueError(f"AI2D: {root} has no questions/ folder (the release layout: questions/, images/)")
+    ids_file = root / "ai2d_test_ids.csv"
+    keep = {x.strip() for x in ids_file.read_text().splitlines() if x.strip()} if ids_file.exists() else None
+    images = Path(image_root) if image_root else root / "images"
+    items = []
+    for f in sorted(qdir.glob("*.json"), key=lambda p: (len(p.name), p.name)):
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        name = doc["imageName"]
+        if keep is not None and name.split(".")[0] not in keep:
+            continue
+        for text, q in doc["questions"].items():
+            letters = [chr(ord("A") + i) for i in range(len(q["answerTexts"]))]
+            options = dict(zip(letters, [str(a) for a in q["answerTexts"]]))
+            answer = letters[int(q["correctAnswer"])]
+            items.append(EvalItem(id=str(q["questionId"]), task="mc", category="ai2d", prompt=_options_prompt(text,
+                                  options), answer=answer, image=images / name, answers=[answer], options=options))
+    return items
+
+
+def _mmbench_image_dir(path: Path, image_root) -> Path:
+    if image_root:
+        return Path(image_root)
+    h = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    base = Path(os.environ.get("BARNFAST_CACHE") or Path.home() / ".cache" / "barnfast")
+    return base / "mmbench" / h
+
+
+def _mmbench(path: Path, image_root) -> list[EvalItem]:
+    csv.field_size_limit(sys.maxsize)  # a base64 image is one field of ~100 kB
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows:
+        raise ValueError(f"MMBench: {path} has no rows")
+    missing = {"index", "question", "A", "B", "answer", "image"} - set(rows[0])
+    if missing:
+        raise ValueError(f"MMBench: {path} lacks the column(s) {sorted(missing)}")
+    img_dir = _mmbench_image_dir(path, image_root)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    own_rotations = any(int(r["index"]) >= CIRCULAR_OFFSET for r in rows)
+    items = []
+    for r in rows:
+        index = int(r["index"])
+        image = img_dir / f"{index % CIRCULAR_OFFSET}.png"
+        if not image.exists() and r["image"].strip() and len(r["image"]) > 64:
+            tmp = image.with_name(f".{image.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(base64.b64decode(r["image"]))
+            tmp.replace(image)
+        texts = [str(r[k]) for k in "ABCDEFGHI" if k in r and str(r[k]).strip() and str(r[k]).lower() != "nan"]
+        answer_at = "ABCDEFGHI".index(r["answer"].strip().upper())
+        hint = r.get("hint") if r.get("hint") and str(r.get("hint")).lower() != "nan" else None
+        rounds = [0] if own_rotations else range(len(texts))
+        for k in rounds:
+            rotated = texts[k:] + texts[:k]  # round k: option k first; the answer moves with its text
+            letters = [chr(ord("A") + i) for i in range(len(rotated))]
+            answer = letters[(answer_at - k) % len(texts)]
+            options = dict(zip(letters, rotated))
+            group, rot = index % CIRCULAR_OFFSET, (index // CIRCULAR_OFFSET if own_rotations else k)
+            items.append(EvalItem(id=f"{group}@{rot}", task="mc", category=str(r.get("category", "mmbench")),
+                                  prompt=_options_prompt(r["question"], options, hint), answer=answer, image=image,
+                                  answers=[answer], options=options))
+    return items
+
+
+def benchmark_scores(fmt: str, records: list[dict]) -> dict:
+    """The benchmark's own headline numbers from evaluation records (``barnfast.evaluation.evaluate``).
+
+    ``mme``: per subtask acc, acc+ (an image counts when both of its questions are right) and score =
+    100·(acc + acc+), summed into ``perception`` (10 subtasks) and ``cognition`` (4); ``mmbench``:
+    circular accuracy (a question counts when all its rotations are right) and the first-rotation
+    accuracy, overall and per category; ``textvqa``: mean VQA accuracy; ``pope``: POPE's metrics;
+    others: accuracy, overall and per category.
+    """
+    from barnfast.evaluation import scores
+
+    if not records:
+        raise ValueError("benchmark_scores needs records")
+    out: dict = {"format": fmt, "accuracy": sum(bool(r["correct"]) for r in records) / len(records)}
+    by_cat = defaultdict(list)
+    for r in records:
+        by_cat[r["category"]].append(bool(r["correct"]))
+    out["accuracy_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by_cat.items())}
+    if fmt == "mme":
+        per_image = defaultdict(list)
+        for r in records:
+            task, stem, _ = r["id"].rsplit("/", 2)
+            per_image[(task, stem)].append(bool(r["correct"]))
+        subtasks = {}
+        for task in sorted({t for t, _ in per_image}):
+            imgs = [v for (t, _), v in per_image.items() if t == task]
+            acc = sum(sum(v) for v in imgs) / sum(len(v) for v in imgs)
+            acc_plus = sum(all(v) for v in imgs) / len(imgs)
+            subtasks[task] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * (acc + acc_plus)}
+        out["subtasks"] = subtasks
+        out["perception"] = sum(v["score"] for k, v in subtasks.items() if k in MME_PERCEPTION)
+        out["cognition"] = sum(v["score"] for k, v in subtasks.items() if k in MME_COGNITION)
+    elif fmt == "mmbench":
+        groups = defaultdict(list)
+        cats = {}
+        for r in records:
+            g, _, rot = r["id"].partition("@")
+            groups[g].append((int(rot or 0), bool(r["correct"])))
+            cats[g] = r["category"]
+        circ = {g: all(c for _, c in v) for g, v in groups.items()}
+        out["circular_accuracy"] = sum(circ.values()) / len(circ)
+        out["first_rotation_accuracy"] = sum(dict(v)[min(dict(v))] for v in groups.values()) / len(groups)
+        per_cat = defaultdict(list)
+        for g, ok in circ.items():
+            per_cat[cats[g]].append(ok)
+        out["circular_accuracy_by_category"] = {c: sum(v) / len(v) for c, v in sorted(per_cat.items())}
+        out["n_questions"] = len(groups)
+    elif fmt == "textvqa":
+        vqa = [r.get("vqa_accuracy") for r in records]
+        out["vqa_accuracy"] = sum(v for v in vqa if v is not None) / len(vqa)
+    elif fmt == "pope":
+        out["pope"] = scores.pope_metrics([r["prediction"] for r in records], [r["answer"] for r in records])
+    return out
+
+
+_LETTER_OPTION_LINE = re.compile(r"^\s*\(?[A-Z][.):]\s", re.MULTILINE)
+
+
+def _llava_one(r, root: Path, path: Path) -> EvalItem:
+    prompt = r.get("text", r.get("prompt"))
+    if prompt is None:
+        raise SampleError("has neither 'text' nor 'prompt'")
+    answers = r.get("answers") or [r.get("answer", r.get("label"))]
+    if answers[0] is None:
+        raise SampleError("has no 'answer', 'answers' or 'label'")
+    answers = [str(a["answer"]) if isinstance(a, dict) else str(a) for a in answers]
+    answer = str(r.get("answer", answers[0]))
+    options = r.get("options")
+    if not options and re.fullmatch(r"[A-Z]", answer.strip()) and (
+            LETTER_ANSWER in prompt or len(_LETTER_OPTION_LINE.findall(prompt)) >= 2):
+        # Scored as an open answer it would be exact match on a letter: flag it instead of mis-scoring it.
+        raise SampleError(f"looks like multiple choice (answer {answer!r}, lettered options in the prompt) "
+                          "but has no 'options' mapping")
+    task = "mc" if options else ("yesno" if answer.strip().lower() in ("yes", "no") else "open")
+    if task == "yesno":
+        answer = answer.strip().lower()
+    return EvalItem(id=str(r["question_id"]), task=task, category=str(r.get("category", "all")),
+                    prompt=prompt, answer=answer, image=root / r["image"] if r.get("image") else None,
+                    answers=answers, options=options)

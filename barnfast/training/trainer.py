@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from barnfast.config import Recipe
 from barnfast.data import packing
-from barnfast.data.dataset import MicroBatches, StageDataset
+from barnfast.data.dataset import MicroBatches, StageDataset, TooManySkippedError
 from barnfast.data.llava import load_llava_json
 from barnfast.data.synthetic import ensure_synthetic
 from barnfast.data.vision_cache import VisionFeatureCache
@@ -40,6 +40,7 @@ from barnfast.models.vlm import build_model
 from barnfast.training import checkpoint, distributed
 from barnfast.training import fingerprint as fingerprint_lib
 from barnfast.training import flops as flops_lib
+from barnfast.training.lock import OutputDirLock
 from barnfast.training.parallel import gradient_sync
 from barnfast.training.runinfo import write_run_record
 
@@ -127,6 +128,12 @@ def check_max_length(recipe: Recipe) -> None:
                           f"{bb.name} ({bb.max_position_embeddings}); lower it for the whole sweep")
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: a scheduler signals the whole process group, and the main
+    process alone finishes the step and saves (a worker dying of it would crash the run, no checkpoint)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
@@ -205,8 +212,7 @@ class Trainer:
         state = checkpoint.read_state(ckpt) if ckpt is not None else None
         if state is not None and state.stage not in names:
             raise RuntimeError(f"checkpoint {ckpt} is of stage {state.stage!r}, not in this recipe's stages {names}")
-        if state is not None:
-            self._truncate_metrics(names, state)
+        self._truncate_logs(names, state)
         for i, stage in enumerate(self.recipe.stages):
             if state is not None and (i < names.index(state.stage) or (stage.name == state.stage and state.stage_done)):
                 if stage.name == state.stage:  # finished stage: its parameters seed the next one
@@ -216,14 +222,35 @@ class Trainer:
                 continue
             self.run_stage(stage, resume=ckpt if state is not None and stage.name == state.stage else None)
 
-    def _truncate_metrics(self, names: list[str], state: checkpoint.TrainerState) -> None:
-        """Drop metrics of steps after the checkpoint: the resumed run logs them again."""
-        if not self.dist.is_main or not self.metrics_path.exists():
+    def _truncate_logs(self, names: list[str], state: checkpoint.TrainerState | None) -> None:
+        """Drop the rows of ``metrics.jsonl`` and ``nonfinite_steps.jsonl`` that this run logs again.
+
+        A stage of this run keeps its rows only before the resumed step (all of them when it is
+        finished; none when the run starts without a checkpoint), so a resume, or a restart from
+        scratch, never duplicates a step. Rows of stages outside this run stay; a line that does not
+        parse (the torn last line of a run killed mid-write) is dropped.
+        """
+        if not self.dist.is_main:
             return
-        keep_before = (names.index(state.stage), state.step)
-        rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
-        kept = [r for r in rows if (names.index(r["stage"]), r["step"]) < keep_before]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        done = names[:names.index(state.stage)] if state is not None else []
+
+        def keep(row: dict) -> bool:
+            if row.get("stage") not in names or row["stage"] in done:
+                return True
+            return state is not None and row["stage"] == state.stage and row.get("step", 0) < state.step
+
+        for path in (self.metrics_path, self.out / "nonfinite_steps.jsonl"):
+            if not path.exists():
+                continue
+            rows = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # the torn last line of a killed run
+                    continue
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if isinstance(r, dict) and keep(r)))
+            tmp.replace(path)
 
     # -- data ---------------------------------------------------------------------------------
     def image_aspect(self, stage) -> str:
@@ -251,6 +278,7 @@ class Trainer:
             skipped_path=stage_dir / "skipped_samples.jsonl" if self.dist.is_main else None,
             show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
             num_image_tokens=self.model.visual_tokens_per_image,
+            allow_outside_image_root=self.recipe.data.allow_outside_image_root,
         )
         # Bytes of target text per sample: loss in bits per byte compares across 32k and 128k vocabularies.
         texts = self.tokenizer.batch_decode([e.input_ids[e.labels != -100].tolist() for e in data.items],
@@ -350,9 +378,11 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = self.build_optimizer(params, stage)
         start, nonfinite = 0, 0
+        self._loader_skips: dict[str, list] = {}  # sample id -> [id, reason, step]: images failed in the loader
         if resume is not None:
             state = checkpoint.load_checkpoint(resume, module, opt, d)
             start, nonfinite, self.samples_seen = state.step, state.nonfinite_in_a_row, state.samples_seen
+            self._record_loader_skips(stage, data, state.skipped_in_loader)  # the file was rewritten by the build
         bar = tqdm(total=total, initial=start, desc=stage.name, disable=not self.show_progress, dynamic_ncols=True)
         history = []
         step = start
@@ -364,6 +394,7 @@ class Trainer:
             for k, mbs in enumerate(self._loader(data, plan, range(first, first + count))):
                 rec = self.train_step(module, opt, params, stage, mbs, step, total)
                 rec["epoch"] = epoch
+                self._record_loader_skips(stage, data, [[i, why, step] for i, why in rec.pop("decode_skipped")])
                 if rec["skipped"]:
                     nonfinite += 1
                     self._log_nonfinite(stage, data, plan, first + k, step, rec)
@@ -378,7 +409,8 @@ class Trainer:
                                 **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}))
                 bar.update(1)
                 step += 1
-                state = checkpoint.TrainerState(stage.name, step, step >= total, self.samples_seen, nonfinite)
+                state = checkpoint.TrainerState(stage.name, step, step >= total, self.samples_seen, nonfinite,
+                                                list(self._loader_skips.values()))
                 if nonfinite > r.train.max_nonfinite_in_a_row:
                     self.save(module, opt, state)
                     raise NonFiniteError(
@@ -392,7 +424,8 @@ class Trainer:
                 if step < total and r.train.checkpoint_every and step % r.train.checkpoint_every == 0:
                     self.save(module, opt, state)
         bar.close()
-        self.save(module, opt, checkpoint.TrainerState(stage.name, step, True, self.samples_seen, nonfinite))
+        self.save(module, opt, checkpoint.TrainerState(stage.name, step, True, self.samples_seen, nonfinite,
+                                                       list(self._loader_skips.values())))
         return history
 
     def write_manifest(self, stage, data: StageDataset, plan, total: int) -> dict:
@@ -412,6 +445,28 @@ class Trainer:
                     "how": "sha256 of the compact JSON of `steps` (a list of lists of sample ids)", "steps": steps}
         (self.out / stage.name / "manifest.json").write_text(json.dumps(manifest))
         return manifest
+
+    def _record_loader_skips(self, stage, data: StageDataset, rows: list) -> None:
+        """List samples whose image failed to decode in the loader (once per id) in ``skipped_samples.jsonl``,
+        and stop the stage when the skipped share (encode time + loader) passes ``data.max_skip_fraction``."""
+        new = [r for r in rows if r[0] not in self._loader_skips]
+        if not new:
+            return
+        for r in new:
+            self._loader_skips[r[0]] = list(r)
+        if self.dist.is_main:
+            with open(self.out / stage.name / "skipped_samples.jsonl", "a") as f:
+                for sid, reason, step in new:
+                    f.write(json.dumps({"id": sid, "reason": reason, "step": step, "where": "loader"}) + "\n")
+            warnings.warn(f"{stage.name}: {len(new)} sample(s) skipped, image failed to decode in the loader: "
+                          f"{new[0][0]}: {new[0][1]}", stacklevel=2)
+        skipped, total = len(data.skipped) + len(self._loader_skips), data.num_samples
+        limit = self.recipe.data.max_skip_fraction
+        if skipped / total > limit:
+            raise TooManySkippedError(
+                f"{stage.name}: {skipped} of {total} samples ({skipped / total:.1%}) were skipped "
+                f"as bad input ({len(self._loader_skips)} of them because an image failed to decode in the loader), "
+                f"more than data.max_skip_fraction={limit:.1%}; see {self.out / stage.name / 'skipped_samples.jsonl'}")
 
     def save(self, module, opt, state: checkpoint.TrainerState) -> Path:
         state.fingerprint = self.fingerprint.digest
@@ -439,9 +494,13 @@ class Trainer:
         flat = [mb for mbs in per_step for mb in mbs]
         ds = MicroBatches(data, flat, packed=self.recipe.train.packing)
         nw = self.recipe.data.num_workers
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
+        # after a resume restored it, so dropout (LoRA) would differ from the uninterrupted run.
+        generator = torch.Generator().manual_seed(self.recipe.train.seed)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw,
                                              persistent_workers=False, prefetch_factor=4 if nw else None,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda", generator=generator,
+                                             worker_init_fn=_ignore_sigterm if nw else None)
         it = iter(loader)
         for mbs in per_step:
             yield [next(it) for _ in mbs]
@@ -467,6 +526,7 @@ class Trainer:
     def train_step(self, module, opt, params, stage, batches, step: int, total: int) -> dict:
         d = self.dist
         t0 = time.perf_counter()
+        dropped = [list(x) for b in batches for x in getattr(b, "dropped", ())]  # images that failed to decode
         batches = [b.to(self.device) for b in batches]
         # The loss normaliser: target tokens of the whole global batch, counted and reduced on device.
         local_targets = torch.stack([b.num_targets for b in batches]).sum().float()
@@ -484,9 +544,10 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         step_loss = distributed.all_reduce_sum(loss_sum, d) / d.world_size
-        # The one sync the step needs before the update (a non-finite loss or norm propagates through the sum).
-        finite = bool(torch.isfinite(step_loss + grad_norm))
-        if finite:
+        # The one sync the step needs before the update (a non-finite loss or norm propagates through the sum);
+        # no target left in the step (every image failed to decode): no update, no decay.
+        finite, has_targets = torch.stack([torch.isfinite(step_loss + grad_norm), global_targets > 0]).tolist()
+        if finite and has_targets:
             opt.step()
         opt.zero_grad(set_to_none=True)
         f64 = dict(device=self.device, dtype=torch.float64)
@@ -498,11 +559,17 @@ class Trainer:
             torch.tensor(float(sum(len(b.sample_ids) for b in batches)), **f64),
             torch.tensor(float(sum(b.num_images for b in batches)), **f64),
             torch.tensor(float(sum(self.target_bytes.get(i, 0) for b in batches for i in b.sample_ids)), **f64),
+            torch.tensor(float(len(dropped)), **f64),
         ])
         # Everything logged comes to the host in one copy (one sync), not one .item() each.
         host = torch.cat([distributed.all_reduce_sum(stats, d),
                           torch.stack([step_loss, grad_norm, global_targets]).to(torch.float64)]).tolist()
-        real, len_sq, computed, n_samples, n_images, n_bytes, loss_value, grad_norm_value, target_tokens = host
+        (real, len_sq, computed, n_samples, n_images, n_bytes, n_dropped,
+         loss_value, grad_norm_value, target_tokens) = host
+        if n_dropped and d.enabled:  # rare: every rank learns every rank's failures, so all count alike
+            gathered = [None] * d.world_size
+            torch.distributed.all_gather_object(gathered, dropped)
+            dropped = [x for part in gathered for x in part]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -520,6 +587,7 @@ class Trainer:
             # nats per target token × target tokens / (ln 2 × target bytes): comparable across vocabularies
             "target_bytes": int(n_bytes),
             "loss_bits_per_byte": loss_value * target_tokens / (math.log(2) * n_bytes) if n_bytes else None,
+            "decode_skipped": dropped,
         }
 
     def export(self) -> Path:
@@ -584,6 +652,8 @@ def run(recipe: Recipe, *, resume: bool = False, show_progress: bool = True) -> 
         if ckpt is not None:
             fingerprint_lib.check_checkpoint(checkpoint.read_state(ckpt).fingerprint, ckpt, fp)
     info = distributed.init_distributed()
+    # Rank 0 holds the output folder; under torchrun its failure here stops the other ranks.
+    lock = OutputDirLock(recipe.output_dir, "barnfast train").acquire() if info.is_main else None
     try:
         trainer = Trainer(recipe, info, show_progress=show_progress, fingerprint=fp)
         try:
@@ -595,5 +665,7 @@ def run(recipe: Recipe, *, resume: bool = False, show_progress: bool = True) -> 
         finally:
             trainer.close()
     finally:
+        if lock is not None:
+            lock.release()
         distributed.close(info)
     return 0
