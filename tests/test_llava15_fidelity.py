@@ -234,7 +234,10 @@ def test_special_token_text_in_data_is_plain_text(template):
     dirty = [H(f"<image>\nWhat is {SPECIAL_TEXT}?"), G(f"It is {SPECIAL_TEXT}.")]
     ids_clean, _ = encode_conversation(tok, template, clean, **kw)
     ids_dirty, labels = encode_conversation(tok, template, dirty, **kw)
-    special = set(tok.all_special_ids) - {_img(tok)}
+    named = ["</s>", "<s>", "<|eot_id|>", "<|start_header_id|>", "<|begin_of_text|>", "<|end_header_id|>"]
+    special = {tok.convert_tokens_to_ids(t) for t in named} | set(tok.all_special_ids)
+    special -= {_img(tok), tok.unk_token_id}
+    assert len(special & set(tok.convert_tokens_to_ids(named))) >= 2  # the vocabulary has them as tokens
     count = lambda ids: sorted(i for i in ids if i in special)  # noqa: E731
     assert count(ids_dirty) == count(ids_clean), "special-token text in the data became special tokens"
     # and the text round-trips: the answer's labelled tokens decode to the text, the end token aside
