@@ -622,3 +622,21 @@ def test_slow_sentencepiece_vs_transformers5_fast(sentencepiece_checkpoints, syn
     print(f"\nitem 8 on {len(convs)} conversations ({n_multi} multi-turn): legacy key missing -> {n_multi} differ; "
           + ", ".join(f"{k}: {v}" for k, v in measured.items()))
     assert measured["double_space"] > 0 and measured["leading_space_answer"] > 0
+
+
+def test_every_llava15_field_names_its_origin():
+    """Each field of recipes/llava15.toml has a comment: the original value's file, or why barnfast differs."""
+    import re
+    import tomllib
+
+    from barnfast.config import RECIPES_DIR
+
+    text = (RECIPES_DIR / "llava15.toml").read_text()
+    sources = ("pretrain.sh", "finetune.sh", "train.py", "builder.py", "barnfast only", "departs")
+    fields = [line for line in text.splitlines() if re.match(r"^[a-z_0-9]+\s*=", line)]
+    assert len(fields) >= 30
+    for line in fields:
+        assert "#" in line and any(s in line.split("#", 1)[1] for s in sources), line
+    doc = tomllib.loads(text)
+    assert doc["data"]["max_length"] == 2048 and doc["data"]["overlong"] == "truncate"
+    assert [(s["image_aspect"], s["group_by_modality"]) for s in doc["stages"]] == [("resize", False), ("pad", True)]
