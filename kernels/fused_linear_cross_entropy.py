@@ -30,7 +30,8 @@ Decisions, and why:
   enters *inside* the sum over tokens of grad_weight, so it cannot be applied afterwards (the bug users report
   in Liger): forward then computes only the losses (1 GEMM per chunk), and backward runs the chunked pass
   again with per-row scales equal to the upstream gradient (3 GEMMs).
-- Ignored rows are dropped before any GEMM (one ``nonzero``, i.e. one host sync per call): in LLaVA batches
+- Ignored rows are dropped before any GEMM (one ``nonzero``, i.e. one host sync per call, unless the caller
+  passes ``target_rows``, the indices its collator found on the host: then none): in LLaVA batches
   most positions are prompt or image tokens whose targets are ``ignore_index``, so their GEMMs are pure waste.
   It also makes "every target ignored" a no-op (loss 0, zero gradients) instead of 0/0.
 - The mean normaliser is a device tensor (count of non-ignored targets, or ``num_target_tokens``), folded into
