@@ -30,7 +30,8 @@ Decisions, and why:
   enters *inside* the sum over tokens of grad_weight, so it cannot be applied afterwards (the bug users report
   in Liger): forward then computes only the losses (1 GEMM per chunk), and backward runs the chunked pass
   again with per-row scales equal to the upstream gradient (3 GEMMs).
-- Ignored rows are dropped before any GEMM (one ``nonzero``, i.e. one host sync per call): in LLaVA batches
+- Ignored rows are dropped before any GEMM (one ``nonzero``, i.e. one host sync per call, unless the caller
+  passes ``target_rows``, the indices its collator found on the host: then none): in LLaVA batches
   most positions are prompt or image tokens whose targets are ``ignore_index``, so their GEMMs are pure waste.
   It also makes "every target ignored" a no-op (loss 0, zero gradients) instead of 0/0.
 - The mean normaliser is a device tensor (count of non-ignored targets, or ``num_target_tokens``), folded into
@@ -45,7 +46,7 @@ Decisions, and why:
   the inputs *before* autograd: the weight gradient would then be rounded to bf16 on its way to the fp32
   master weight, after being accumulated in fp32. Inside the op autocast is off, so every dtype is explicit.
 - grad_weight accumulates in fp32 (one (V, H) fp32 buffer; bf16/fp16 operands go through
-  ``addmm(out_dtype=float32)`` where the build has it (CUDA, torch >= 2.8); elsewhere each chunk's product is
+  ``addmm(out_dtype=float32)`` where the build has it (recent CUDA builds); elsewhere each chunk's product is
   computed in the operands' dtype, fp32 accumulation inside the GEMM, and added to the fp32 buffer in blocks of
   rows, so there is no (V, H) temporary either way), then is cast once to the weight's dtype. This is what makes the
   low-precision error match plain PyTorch's single GEMM; it costs V*H*4 bytes more than accumulating in bf16
@@ -271,8 +272,8 @@ def _ce_step_torch(logits, target, row_scale, loss_out, compute_grad, label_smoo
 def _has_kernel(op: str, device: torch.device) -> bool:
     """Whether this torch build has ``op`` (e.g. ``aten::addmm.dtype_out``) for ``device``'s backend.
 
-    ``out_dtype=`` GEMMs exist from torch 2.8 (CUDA only in 2.8-2.13); the declared floor is older, so they are
-    used only where present."""
+    ``out_dtype=`` GEMMs exist only in recent torch and only for some backends (CUDA; the CPU build of 2.13 has
+    none), so they are used only where present: the declared torch floor does not promise them."""
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(op, device.type.upper())
     except RuntimeError:  # the overload itself does not exist in this torch

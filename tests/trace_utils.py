@@ -34,6 +34,8 @@ SYNC_OPS = {
     "aten::allclose", "aten::is_set_to", "aten::argwhere", "aten::masked_scatter_backward", "aten::nonzero_numpy",
     "aten::bincount", "aten::histc",
 }
+# x[mask] and x[mask] = y: the output size is the mask's count (a nonzero on the device, not dispatched on CPU)
+BOOL_INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 # GEMM-like ops: (index of the first matrix operand, index of the second) in the positional args
 GEMM_OPS = {
     "aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::matmul": (0, 1), "aten::addmm": (1, 2),
@@ -146,6 +148,9 @@ class OpTrace(TorchDispatchMode):
             return out
         if name in SYNC_OPS:
             rec.syncs[name.removeprefix("aten::")] += 1
+        elif name in BOOL_INDEX_OPS and any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+                                            for t in (args[1] if len(args) > 1 else ()) if t is not None):
+            rec.syncs[f"{name.removeprefix('aten::')}(bool mask)"] += 1  # a nonzero inside, on every device
         elif name in GEMM_OPS or (name.startswith(SDPA_PREFIX) and "backward" not in name):
             if name in GEMM_OPS:
                 i, j = GEMM_OPS[name]
