@@ -43,6 +43,7 @@ import argparse
 import datetime as dt
 import importlib
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,7 +331,14 @@ def optimizer(ledger, n_params):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def price(rows, gpu: GPU):
+def _token_free(op: str, model_dims: set[int]) -> str:
+    """An op label with token counts (any number >= 2000 that is not a model dimension) written as T, so the
+    same GEMM of different micro-batches adds up in the top-ops table."""
+    return re.sub(r"\d{4,}", lambda m: m.group(0) if int(m.group(0)) in model_dims or int(m.group(0)) < 2000
+                  else "T", op)
+
+
+def price(rows, gpu: GPU, model_dims: set[int] = frozenset()):
     total, by_phase, by_op = 0.0, defaultdict(float), defaultdict(float)
     flops = 0.0
     for phase, op, f, b, fp32 in rows:
@@ -338,7 +346,7 @@ def price(rows, gpu: GPU):
         total += t
         flops += f
         by_phase[phase] += t
-        by_op[(phase, op)] += t
+        by_op[(phase, _token_free(op, model_dims))] += t
     return total, flops, by_phase, by_op
 
 
@@ -397,10 +405,12 @@ def main(argv=None) -> None:
         pad_eff.append(lens[batch].sum() / (len(batch) * lens[batch].max()))
         useful += model_flops([lens[idx].tolist()], [int(img[idx].sum())], bb, vt, lm, tower)
         samples += len(idx)
-    write_report(args, ledgers, useful, samples, float(np.mean(pad_eff)))
+    dims = {bb.hidden_size, bb.intermediate_size, lm.lm_head.weight.shape[0], vt.hidden_size,
+            bb.num_key_value_heads * bb.head_dim, 4 * vt.hidden_size}
+    write_report(args, ledgers, useful, samples, float(np.mean(pad_eff)), dims)
 
 
-def write_report(args, ledgers, useful, samples, pad_eff):
+def write_report(args, ledgers, useful, samples, pad_eff, model_dims=frozenset()):
     lines = [
         f"# PREDICTION (not a measurement): one stage-2 step, {args.llm} + {args.tower}, per GPU",
         "",
@@ -422,7 +432,7 @@ def write_report(args, ledgers, useful, samples, pad_eff):
     ]
     tops = {}
     for gpu in GPUS:
-        res = {k: price(led.rows, gpu) for k, led in ledgers.items()}
+        res = {k: price(led.rows, gpu, model_dims) for k, led in ledgers.items()}
         t_llava = res["llava recipe"][0]
         for name, (t, flops, by_phase, by_op) in res.items():
             per_step = t / args.steps
@@ -436,7 +446,8 @@ def write_report(args, ledgers, useful, samples, pad_eff):
                   "| --- | ---: | ---: |"]
         for ph, v in sorted(by_phase.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {ph} | {v / args.steps * 1e3:.1f} | {v / t:.1%} |")
-        lines += ["", "| top ops (phase: op) | ms / step | share |", "| --- | ---: | ---: |"]
+        lines += ["", "| top ops (phase: op; T = the micro-batch's tokens) | ms / step | share |",
+                  "| --- | ---: | ---: |"]
         for (ph, op), v in sorted(by_op.items(), key=lambda kv: -kv[1])[:12]:
             lines.append(f"| {ph}: `{op[:110]}` | {v / args.steps * 1e3:.1f} | {v / t:.1%} |")
     lines += ["", "Notes:", "",

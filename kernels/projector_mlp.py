@@ -17,9 +17,9 @@ backward  dh = dy @ w2           epilogue: * gelu'(h), and a = gelu(h) stored ->
 Why a is not recomputed in the dw2 prologue (as before issue 14): the h tile is loaded by every one of
 the out / BLOCK_M row blocks of dw2, so each GELU was evaluated 32 times (out = 4096, BLOCK_M = 128),
 and the erf temporaries beside the accumulator and the pipelined tiles spilled on sm_80 (84 B per
-thread at 128x64/4 warps, bench/results/kernel_compile_sm80_sm90.md). Storing a in dh's epilogue costs
-one (M, hidden) write (75.5 MB at M = 9216, hidden = 4096, ~40 us of HBM3), and dw2 becomes a plain GEMM
-that may use the large tiles.
+thread at 128x64/4 warps, in bench/compile_report.py's ahead-of-time compile). Storing a in dh's
+epilogue costs one (M, hidden) write (75.5 MB at M = 9216, hidden = 4096: ~23 us at 3.35 TB/s), and
+dw2 becomes a plain GEMM that may use the large tiles.
 
 Bytes saved against eager PyTorch at CLIP-L x 16 images, bf16 (M=9216, hidden=4096):
 eager writes and re-reads h for the bias add and for GELU, and dh for the GELU backward: about
@@ -77,6 +77,11 @@ def _matmul_configs() -> list[triton.Config]:
         # 32 accumulators per thread: only for the dh epilogue (see _ACC_PER_THREAD)
         (128, 64, 64, 4, 8),
         (64, 128, 64, 4, 8),
+        # fp32 operands only (BLOCK_K = 32): IEEE fp32 has no tensor-core path, tl.dot becomes FMA loops that
+        # hold A and B fragments in registers; the 64-deep bf16 tiles above spilled 2-9 KB per thread there
+        # (sm_80), these use 96-214 registers and spill nothing
+        (64, 64, 32, 4, 4),
+        (32, 64, 32, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -92,20 +97,23 @@ def _matmul_configs() -> list[triton.Config]:
 # so dh gets the two 32-per-thread tiles. The plain GEMMs keep the large tiles and skip the 32-per-thread
 # ones (the same tiles with half the work per warp).
 _ACC_PER_THREAD = {_EPI_NONE: (64, 128), _EPI_GELU: (64, 64), _EPI_GELU_GRAD: (32, 32)}  # (min, max)
-# fp32 operands take 4 B per element: only configs whose (num_stages - 1) A and B tiles fit in
-# sm_80's 163 KB per block are tried (the others fail to launch with OutOfResources on an A100
-# and cost an autotune attempt each).
+# Shared memory: only configs whose (num_stages - 1) A and B tiles fit in sm_80's 163 KB per block are
+# tried (the others fail to launch with OutOfResources on an A100 and cost an autotune attempt each).
 _SMEM_BUDGET = 163 * 1024
+# fp32 operands get their own tiles (BLOCK_K = _FP32_BLOCK_K), bf16/fp16 the others.
+_FP32_BLOCK_K = 32
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """The configs worth benchmarking for this launch: by fused epilogue and by operand dtype."""
+    """The configs worth benchmarking for this launch: by operand dtype, then (bf16/fp16) by fused epilogue."""
     lo, hi = _ACC_PER_THREAD[kwargs.get("EPILOGUE", _EPI_NONE)]
     elem = named_args["a_ptr"].element_size()
     kept = []
     for c in configs:
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if not lo <= m * n // (32 * c.num_warps) <= hi:
+        if (elem == 4) != (k == _FP32_BLOCK_K):
+            continue
+        if elem != 4 and not lo <= m * n // (32 * c.num_warps) <= hi:
             continue
         if (c.num_stages - 1) * (m * k + k * n) * elem > _SMEM_BUDGET:
             continue

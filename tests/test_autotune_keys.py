@@ -86,7 +86,7 @@ def test_prune_keeps_few_accumulators_per_thread_for_fused_launches_and_fp32_til
     configs = [
         pm.triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=w)
         for m, n, s, w in [(128, 256, 3, 8), (128, 128, 4, 8), (128, 64, 4, 4), (128, 64, 4, 8)]
-    ]
+    ] + [pm.triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4)]
     bf16 = {"a_ptr": torch.empty(1, dtype=torch.bfloat16)}
     fp32 = {"a_ptr": torch.empty(1, dtype=torch.float32)}
     label = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in cs]  # noqa: E731
@@ -94,6 +94,11 @@ def test_prune_keeps_few_accumulators_per_thread_for_fused_launches_and_fp32_til
     assert label(pm._prune_configs(configs, bf16, EPILOGUE=0)) == [(128, 256, 8), (128, 128, 8), (128, 64, 4)]
     assert label(pm._prune_configs(configs, bf16, EPILOGUE=1)) == [(128, 128, 8), (128, 64, 4)]
     assert label(pm._prune_configs(configs, bf16, EPILOGUE=2)) == [(128, 64, 8)]
-    # fp32: 3 * (128*64 + 64*128) * 4 B = 192 KiB > 163 KiB; 3 * (128*64 + 64*64) * 4 B = 144 KiB fits
-    assert label(pm._prune_configs(configs, fp32, EPILOGUE=0)) == [(128, 64, 4)]
-    assert label(pm._prune_configs(configs, fp32, EPILOGUE=2)) == [(128, 64, 8)]
+    # fp32 operands: only the 32-deep FMA tiles, whatever the epilogue
+    assert label(pm._prune_configs(configs, fp32, EPILOGUE=0)) == [(64, 64, 4)]
+    assert label(pm._prune_configs(configs, fp32, EPILOGUE=2)) == [(64, 64, 4)]
+    # and never more shared memory than an A100 block has: 4 stages of 128x256x64 hold 3 * (128*64 + 64*256) * 2 B
+    # = 144 KiB (fits), 5 stages 192 KiB (dropped)
+    deep = [pm.triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=8)
+            for s in (4, 5)]
+    assert [c.num_stages for c in pm._prune_configs(deep, bf16, EPILOGUE=0)] == [4]
