@@ -196,6 +196,12 @@ class TrainConfig:
     """How many complete checkpoints to keep (the newest)."""
     max_nonfinite_in_a_row: int = 5
     """Steps with a non-finite loss or gradient norm are skipped; more than this many in a row stop the run."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers (``--report-to``): ``tensorboard`` and/or ``wandb`` (barnfast/training/tracking.py)."""
+    report_dir: str | None = None
+    """TensorBoard event folder (None: ``<output_dir>/tensorboard``; a sweep uses ``<sweep>/tensorboard/<run>``)."""
+    report_group: str | None = None
+    """W&B group of the run (a sweep sets its folder name, so its runs are grouped)."""
 
     def __post_init__(self):
         _check(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
@@ -213,6 +219,10 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _check(self.max_nonfinite_in_a_row >= 0, "train.max_nonfinite_in_a_row", "must be >= 0")
+        if isinstance(self.report_to, str):
+            self.report_to = [x.strip() for x in self.report_to.split(",") if x.strip() and x.strip() != "none"]
+        bad = [x for x in self.report_to if x not in ("tensorboard", "wandb")]
+        _check(not bad, "train.report_to", f"must list tensorboard and/or wandb, got {bad}")
 
 
 @dataclass

@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stability-items", type=int, default=16, help="items for the CKA stability curve (0: off)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
+    p.add_argument("--report-to", default=None, metavar="tensorboard,wandb",
+                   help="experiment trackers for every run, grouped per sweep (<sweep>/tensorboard/<run>; W&B group)")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -151,7 +153,7 @@ def sweep_config(args: argparse.Namespace) -> dict:
         "data": {k: str(Path(v).resolve()) if v else None for k, v in data.items()},
         "evals": [parse_eval_spec(e) for e in args.eval],
         "exclude_file": str((out / EXCLUDED_FILE).resolve()),
-        "model_paths": _model_paths(args.model_path), "command": sys.argv,
+        "model_paths": _model_paths(args.model_path), "command": sys.argv, "report_to": args.report_to,
     }
 
 
@@ -189,6 +191,10 @@ def train_argv(cfg: dict, backbone: str, run_dir: Path, no_progress: bool, seed:
         argv += ["--set", item]
     if cfg.get("exclude_file") and Path(cfg["exclude_file"]).is_file() and Path(cfg["exclude_file"]).stat().st_size:
         argv += ["--set", f'data.exclude_samples="{cfg["exclude_file"]}"']
+    if cfg.get("report_to"):
+        sweep_dir = Path(cfg["data_dir"]).parent
+        argv += ["--report-to", cfg["report_to"], "--set", f'train.report_group="{sweep_dir.name}"',
+                 "--set", f'train.report_dir="{sweep_dir / "tensorboard" / run_dir.name}"']
     if no_progress:
         argv.append("--no-progress")
     return argv

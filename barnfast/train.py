@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N optimizer steps")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-to", default=None, metavar="tensorboard,wandb",
+                   help="experiment trackers for the metrics (optional extra: pip install 'barnfast[tracking]')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any recipe field, e.g. --set stage2.lr=1e-4 --set train.dtype=fp32 (TOML value syntax)")
     return p.parse_args(argv)
@@ -95,6 +97,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         "train.token_budget": args.token_budget, "train.packing": False if args.no_packing else None,
         "train.kernel_backend": args.kernel_backend, "stages.max_steps": args.max_steps,
         "train.checkpoint_every": args.checkpoint_every,
+        "train.report_to": args.report_to,
     }
     for item in args.set:
         key, sep, value = item.partition("=")

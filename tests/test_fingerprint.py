@@ -114,3 +114,16 @@ def test_resume_with_other_settings_stops_before_any_work_listing_each_field(tmp
     # A fresh (non-resume) run into the same folder with other settings is refused the same way.
     with pytest.raises(fp_lib.FingerprintMismatchError, match="train.seed"):
         main(["--backbone", "llama1-tiny", *args, "--seed", "3"])
+
+
+def test_one_length_limit_for_every_backbone():
+    from barnfast.errors import ConfigError
+    from barnfast.training.trainer import check_max_length
+
+    r = load_recipe("llava15-tiny", {"model.backbone": "llama3-tiny"})
+    assert r.data.max_length == 2048  # LLaVA-1.5's model_max_length, not llama3's 8192
+    check_max_length(r)
+    with pytest.raises(ConfigError, match="data.max_length: 4096 is longer than the context of llama1-tiny"):
+        check_max_length(load_recipe("llava15-tiny", {"model.backbone": "llama1-tiny", "data.max_length": 4096}))
+    with pytest.raises(ConfigError, match="train.max_length: moved to data.max_length"):
+        load_recipe("llava15-tiny", {"train.max_length": 1024})

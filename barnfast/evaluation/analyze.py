@@ -19,6 +19,19 @@ LLM backbone solve *more* questions or *different* ones; calibration; representa
    items with clean and perturbed images (Gaussian pixel noise, a one-pixel shift), layer by layer;
    read from ``<backbone>/eval/stability.json``, computed here from the export when missing.
 
+Before these, the report proves and qualifies the comparison (functions ``render_control``,
+``statistics``, ``seed_analysis``, ``training_side``):
+
+0. Control: ``control.json`` of the sweep ("controlled: yes" or each difference; manifest hashes,
+   vision weights, samples excluded for every backbone).
+- Statistics per evaluation file found under ``<run>/eval/``: accuracy with a bootstrap 95% CI, the
+  chance baseline, warnings (constant answers, CI containing chance), and per pair the paired
+  bootstrap CI of the difference, exact McNemar p and the discordant split with its exact interval;
+  the benchmarks' own scores (MME acc+, MMBench circular ...).
+- Seeds (``--seeds``): mean ± std per backbone and the seed-vs-seed overlap reference.
+- Training side: steps, loss, loss in bits per byte of target text, samples/s, tokens/s, skipped and
+  excluded samples, the backbone's variant (base / chat / instruct).
+
 Options: ``--stability-items N`` (16; 0 skips computing missing curves), ``--bins`` (15).
 """
 

@@ -42,7 +42,8 @@ from barnfast.errors import ConfigError
 # Recipe fields that change neither the samples, their order, the model nor the numbers computed.
 NOT_DEFINING = frozenset({
     "output_dir", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "data.num_workers",
-    "data.vision_cache_batch", "data.max_skip_fraction", "data.synthetic_dir",
+    "data.vision_cache_batch", "data.max_skip_fraction", "data.synthetic_dir", "train.report_to", "train.report_dir",
+    "train.report_group",
     # replaced by the identity of what they point at (identity.*, data.<stage>.*)
     "model.model_path", "model.vision_path", "data.stage1_data", "data.stage2_data", "data.image_root",
     "data.exclude_samples",

@@ -184,6 +184,12 @@ class Trainer:
 
             apply_float8(self.model)
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.tracker = None
+        if recipe.train.report_to and self.dist.is_main:
+            from barnfast.training.tracking import Tracker
+
+            self.tracker = Tracker(recipe.train.report_to, output_dir=self.out, report_dir=recipe.train.report_dir,
+                                   group=recipe.train.report_group, config=recipe.to_dict())
         if self.dist.is_main:
             write_run_record(self.out / "run.json", recipe.to_dict(), self.dist.world_size, self.device,
                              fingerprint=self.fingerprint)
@@ -191,6 +197,8 @@ class Trainer:
     def close(self) -> None:
         """Give SIGTERM back to whoever handled it before (a sweep, a test runner)."""
         signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if self.tracker is not None:
+            self.tracker.close()
 
     def _model_kwargs(self) -> dict:
         """What build_model needs from the recipe (the same for the trained model and its export copy)."""
@@ -404,6 +412,8 @@ class Trainer:
                 if d.is_main and step % r.train.log_every == 0:
                     with open(self.metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
+                    if self.tracker is not None:
+                        self.tracker.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 smp_s=f"{rec['samples_per_s']:.1f}",
                                 **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}))
