@@ -397,3 +397,31 @@ def test_lmms_eval_registration_with_real_lmms_eval():
     for ans, ll in (("yes", ll_yes), ("no", ll_no)):
         cont = vlm.answer_ids(item.prompt, ans, include_stop=False)
         assert ll == pytest.approx(float(vlm.continuation_logprobs(vlm.prompt_ids(item.prompt), [cont], pv)[0].sum()))
+
+
+def test_report_shows_the_ablation_control_intervals_and_a_header_without_none():
+    from barnfast.evaluation import analyze
+
+    out, _ = finished_sweep()
+    result = analyze.build_report(out, stability_items=0)
+    report = (out / "report.md").read_text()
+    header = report.splitlines()[2]
+    assert "None" not in header and "every stage run to its last epoch" not in header  # the sweep set --max-steps
+    assert "at most 2 optimizer steps per stage" in header
+    assert "### With and without the right image (image-ablation control)" in report
+    assert (out / "figures" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    for b in BACKBONES:
+        recs = [json.loads(x) for t in ("open", "mc", "yesno")
+                for x in (out / b / "eval" / f"eval_{t}.jsonl").read_text().splitlines()]
+        for task, e in result["ablation"][b].items():
+            rows = [r for r in recs if r["task"] == task]
+            assert e["n"] == len(rows)
+            assert e["image"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+            assert e["blank"] == pytest.approx(np.mean([r["ablation"]["blank"]["correct"] for r in rows]))
+            assert e["other"] == pytest.approx(np.mean([r["ablation"]["other"]["correct"] for r in rows]))
+        assert result["ablation"][b]["mc"]["chance"] == pytest.approx(0.25)
+        assert result["ablation"][b]["yesno"]["chance"] == pytest.approx(0.5)
+        cell = result["accuracy_intervals"][b]["task"]["mc"]
+        assert cell["lo"] <= cell["acc"] <= cell["hi"] and cell["n"] == 8
+    lo, hi = analyze.wilson_interval(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35  # the Wilson interval is not degenerate at 0 successes (k/n ± se is)
