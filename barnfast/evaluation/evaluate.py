@@ -143,7 +143,11 @@ def score_item(vlm: ExportedVLM, item: EvalItem, max_new_tokens: int = 16, optio
     if ablations and pv is not None:
         rec["ablation"] = {}
         for name, (what, image) in ablations.items():
-            out = _answer(vlm, item, vlm.pixel_values([image]), max_new_tokens, option_scoring)
+            try:
+                apv = vlm.pixel_values([image])
+            except SampleError:  # the substitute image is unreadable: that control is missing, the item is fine
+                continue
+            out = _answer(vlm, item, apv, max_new_tokens, option_scoring)
             rec["ablation"][name] = {"prediction": out["prediction"], "correct": out["correct"], "image": what}
     return rec
 
