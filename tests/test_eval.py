@@ -397,3 +397,85 @@ def test_lmms_eval_registration_with_real_lmms_eval():
     for ans, ll in (("yes", ll_yes), ("no", ll_no)):
         cont = vlm.answer_ids(item.prompt, ans, include_stop=False)
         assert ll == pytest.approx(float(vlm.continuation_logprobs(vlm.prompt_ids(item.prompt), [cont], pv)[0].sum()))
+
+
+def test_report_shows_the_ablation_control_intervals_and_a_header_without_none():
+    from barnfast.evaluation import analyze
+
+    out, _ = finished_sweep()
+    result = analyze.build_report(out, stability_items=0)
+    report = (out / "report.md").read_text()
+    header = report.splitlines()[2]
+    assert "None" not in header and "every stage run to its last epoch" not in header  # the sweep set --max-steps
+    assert "at most 2 optimizer steps per stage" in header
+    assert "### With and without the right image (image-ablation control)" in report
+    assert (out / "figures" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    for b in BACKBONES:
+        recs = [json.loads(x) for t in ("open", "mc", "yesno")
+                for x in (out / b / "eval" / f"eval_{t}.jsonl").read_text().splitlines()]
+        for task, e in result["ablation"][b].items():
+            rows = [r for r in recs if r["task"] == task]
+            assert e["n"] == len(rows)
+            assert e["image"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+            assert e["blank"] == pytest.approx(np.mean([r["ablation"]["blank"]["correct"] for r in rows]))
+            assert e["other"] == pytest.approx(np.mean([r["ablation"]["other"]["correct"] for r in rows]))
+        assert result["ablation"][b]["mc"]["chance"] == pytest.approx(0.25)
+        assert result["ablation"][b]["yesno"]["chance"] == pytest.approx(0.5)
+        cell = result["accuracy_intervals"][b]["task"]["mc"]
+        assert cell["lo"] <= cell["acc"] <= cell["hi"] and cell["n"] == 8
+    lo, hi = analyze.wilson_interval(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35  # the Wilson interval is not degenerate at 0 successes (k/n ± se is)
+
+
+class _ColourReader:
+    """A stand-in model that answers colour questions from the pixels (the nearest palette colour of the
+    non-background pixels), or ``blind=True``: always "red". What the ablation control must tell apart."""
+
+    def __init__(self, blind: bool):
+        from barnfast.data.synthetic import COLOURS
+
+        self.blind, self.colours = blind, COLOURS
+        self.words = ["none", *COLOURS]
+        self.vision = type("V", (), {"image_size": 56})()
+
+    def pixel_values(self, images):
+        from barnfast.data.images import load_image
+
+        img = images[0] if not isinstance(images[0], (str, Path)) else load_image(images[0])
+        return torch.tensor(np.asarray(img.convert("RGB"), dtype=np.float64))  # (S, S, 3)
+
+    def prompt_ids(self, prompt, num_images=1):
+        return [1]
+
+    def greedy(self, prompt_ids, pixel_values, max_new_tokens=16):
+        arr = pixel_values.numpy()
+        mask = np.abs(arr - arr[0, 0]).sum(-1) > 60
+        if self.blind or not mask.any():
+            word = "red" if self.blind else "none"
+        else:
+            fill = arr[mask].mean(0)
+            word = min(self.colours, key=lambda c: np.abs(np.array(self.colours[c]) - fill).sum())
+        return [self.words.index(word)], [-0.1, -0.1], True
+
+    def decode(self, ids):
+        return self.words[ids[0]]
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_ablation_control_separates_a_model_that_reads_the_image_from_one_that_does_not(blind, tmp_path):
+    from barnfast.data.synthetic import generate
+
+    generate(tmp_path, num_stage1=0, num_stage2=0, num_eval=40, progress=False)
+    items = [it for it in load_items(tmp_path / "eval_open.jsonl") if it.category == "colour"]
+    assert len(items) >= 2
+    recs = eval_lib.evaluate(_ColourReader(blind), items, progress=False)
+    abl = eval_lib.summarize(recs)["ablation"]["open"]
+    assert abl["n"] == len(items)
+    others = [r["ablation"]["other"]["image"] for r in recs]
+    assert all(o.startswith("image of ") and o != f"image of {r['id']}" for o, r in zip(others, recs))
+    if blind:  # answers that ignore the image: every column the same, no answer changes
+        assert abl["image"] == abl["blank"] == abl["other"] and abl["changed_other"] == 0.0
+    else:  # reads the image: right with it, wrong with a blank, and with another image only where colours agree
+        assert abl["image"] == 1.0 and abl["blank"] == 0.0
+        agree = np.mean([r["ablation"]["other"]["prediction"] == r["answer"] for r in recs])
+        assert abl["other"] == pytest.approx(agree) and abl["other"] <= 0.6 and abl["changed_other"] >= 0.4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -12,6 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from barnfast.data import synthetic
 from barnfast.data.llava import load_llava_json, validate_sample
 from barnfast.data.synthetic import (
     ANSWER_VARIANTS,
@@ -196,8 +198,18 @@ def test_images_show_the_attributes(dataset):
         ys, xs = np.nonzero(mask)
         cx, cy = xs.mean() / 64, ys.mean() / 64
         where = {"left": cx < 0.3, "right": cx > 0.7, "top": cy < 0.3, "bottom": cy > 0.7}
-        where["centre"] = 0.4 < cx < 0.6 and 0.4 < cy < 0.6
+        where["centre"] = 0.3 < cx < 0.7 and 0.3 < cy < 0.7
         assert [k for k, v in where.items() if v] == [attrs["position"]], (r["image"], attrs, cx, cy)
+        # one object per cell of the patch lattice, centred in it (what the 4 x 4-patch tiny towers see whole)
+        cell = 64 / synthetic.GRID
+        for comp in comps:
+            ys, xs = np.array([p[0] for p in comp]), np.array([p[1] for p in comp])
+            for centre in ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2):
+                offset = abs(centre / cell - (math.floor(centre / cell) + 0.5)) * cell
+                # bbox centre: a triangle's is 0.25 r off its centroid, hence the 0.3 r allowance
+                assert offset <= (0.3 * synthetic.RADIUS + synthetic.JITTER) * 64 + 1.0, (r["image"], centre, offset)
+        assert len({(int(np.mean([p[1] for p in c]) // cell), int(np.mean([p[0] for p in c]) // cell))
+                    for c in comps}) == len(comps)
 
 
 def test_eval_images_disjoint_from_training(dataset):

@@ -143,7 +143,11 @@ def score_item(vlm: ExportedVLM, item: EvalItem, max_new_tokens: int = 16, optio
     if ablations and pv is not None:
         rec["ablation"] = {}
         for name, (what, image) in ablations.items():
-            out = _answer(vlm, item, vlm.pixel_values([image]), max_new_tokens, option_scoring)
+            try:
+                apv = vlm.pixel_values([image])
+            except SampleError:  # the substitute image is unreadable: that control is missing, the item is fine
+                continue
+            out = _answer(vlm, item, apv, max_new_tokens, option_scoring)
             rec["ablation"][name] = {"prediction": out["prediction"], "correct": out["correct"], "image": what}
     return rec
 
@@ -186,13 +190,21 @@ def evaluate(vlm: ExportedVLM, items: list[EvalItem], max_new_tokens: int = 16, 
     is a list, listed there as ``{"id", "reason"}`` (else the SampleError is raised)."""
     if max_new_tokens < 1 and any(it.task == "open" for it in items):
         raise ValueError(f"max_new_tokens must be >= 1 for open answers, got {max_new_tokens}")
+    usable = []
+    for it in items:  # before any model work, and so that no item borrows a missing image as "other"
+        try:
+            _check_item(it)
+        except SampleError as exc:
+            if skipped is None:
+                raise SampleError(f"item {it.id}: {exc}") from None
+            skipped.append({"id": it.id, "reason": str(exc)})
+            continue
+        usable.append(it)
+    items = usable
     plans = _ablation_plan(vlm, items, tuple(ablations or ()))
     records = []
     for it, plan in zip(tqdm(items, disable=not progress, desc="eval"), plans):
         try:
-            _check_item(it)
-            if plan:  # a missing substitute image is the ablation's problem, not the item's: drop that control
-                plan = {k: v for k, v in plan.items() if not isinstance(v[1], Path) or v[1].is_file()}
             rec = score_item(vlm, it, max_new_tokens, option_scoring, plan)
         except SampleError as exc:
             if skipped is None:
