@@ -142,7 +142,7 @@ def _projector_launches():
                             dy = torch.empty(M, hidden, device="meta", dtype=dt)
                             pm._projector_mlp_bwd(dy, x, w1, h, w2, approx, [True] * 5, dt, dt)
                             names = ["fc1", "fc2", "dh", "dw2", "dx", "dw1"]  # launch order of fwd, bwd
-                            tag = f"{'tanh' if approx else 'erf'} {dtype[:4] if dtype != 'bfloat16' else 'bf16'}"
+                            tag = f"{'tanh' if approx else 'erf'} {'bf16' if dtype == 'bfloat16' else 'fp32'}"
                             for name, call in zip(names, rec.calls[n0:]):
                                 out.append(("projector_mlp", f"{name} {tag}", dtype, call))
     return out
@@ -351,8 +351,8 @@ def run_jobs(jobs: list[Job], cache_dir: Path, workers: int = 2, log=print) -> l
     rows, todo = {}, []
     for job in jobs:
         f = folders[job.kernel] / f"{job.key()}.json"
-        if f.exists():
-            rows[job.key()] = json.loads(f.read_text())
+        if f.exists():  # the compile's measurements; the labels are the current job's
+            rows[job.key()] = {**json.loads(f.read_text()), "launch": job.launch, "config": job.config}
         else:
             todo.append(job)
     log(f"compile_report: {len(jobs)} compiles, {len(jobs) - len(todo)} cached under {cache_dir}, "
