@@ -8,10 +8,10 @@ has ``TRITON_INTERPRET=1`` from conftest.py, which replaces ``triton.jit``) and 
 a register spill, shared memory over the architecture's limit, or a bf16 matmul without tensor-core
 instructions in its SASS.
 
-Cost: 164 compiles in 2 processes, 2-6 s each on a free core, 10-35 s on the shared 2-core machine this was
-written on (cold run there: see the README); results are cached per compile under pytest's cache folder,
-keyed by Triton's hash of each kernel's source and Triton's version, so a rerun with unchanged kernels
-reads files only (seconds).
+Cost: 164 compiles in 2 processes, 10-35 s each on the shared 2-core machine this was written on (cold run
+there: 24 min under a load of ~12; warm: 18 s for this file); results are cached per compile under pytest's
+cache folder, keyed by Triton's hash of each kernel's source and Triton's version, so a rerun with unchanged
+kernels reads files only.
 """
 
 import json
