@@ -142,7 +142,8 @@ def _projector_launches():
                             dy = torch.empty(M, hidden, device="meta", dtype=dt)
                             pm._projector_mlp_bwd(dy, x, w1, h, w2, approx, [True] * 5, dt, dt)
                             names = ["fc1", "fc2", "dh", "dw2", "dx", "dw1"]  # launch order of fwd, bwd
-                            tag = f"{'tanh' if approx else 'erf'} {dtype[:4] if dtype != 'bfloat16' else 'bf16'}"
+                            tower = "clip-l" if width == 1024 else "siglip"
+                            tag = f"{'tanh' if approx else 'erf'} {'bf16' if dtype == 'bfloat16' else 'fp32'} {tower}"
                             for name, call in zip(names, rec.calls[n0:]):
                                 out.append(("projector_mlp", f"{name} {tag}", dtype, call))
     return out
@@ -221,7 +222,7 @@ def build_jobs(archs=ARCHS) -> list[Job]:
     from triton.runtime.jit import create_function_from_signature
 
     launches = _projector_launches() + _flce_launches() + _merge_launches()
-    jobs, seen, binders = [], set(), {}
+    jobs, seen, binders = [], {}, {}
     for arch in archs:
         backend = make_backend(GPUTarget("cuda", arch, 32))
         for name, launch, dtype, (args, kwargs) in launches:
@@ -247,9 +248,14 @@ def build_jobs(archs=ARCHS) -> list[Job]:
                 at = {fn.arg_names[p[0]]: v for p, v in attrs.items()}
                 tuned = {k: getattr(opts, k) for k in ("num_warps", "num_stages", "num_ctas")}
                 job = Job(name, launch, label, arch, dtype, dict(signature), cx, at, tuned)
-                if job.key() not in seen:  # other shapes with the same specialisation compile the same code
-                    seen.add(job.key())
+                # other shapes or launches with the same specialisation compile the same code: one job, the
+                # launches that share it named together (dw1 and dw2 differ only in a runtime N)
+                first = seen.get(job.key())
+                if first is None:
+                    seen[job.key()] = job
                     jobs.append(job)
+                elif launch not in first.launch.split(" / "):
+                    first.launch += f" / {launch}"
     return jobs
 
 
@@ -351,8 +357,8 @@ def run_jobs(jobs: list[Job], cache_dir: Path, workers: int = 2, log=print) -> l
     rows, todo = {}, []
     for job in jobs:
         f = folders[job.kernel] / f"{job.key()}.json"
-        if f.exists():
-            rows[job.key()] = json.loads(f.read_text())
+        if f.exists():  # the compile's measurements; the labels are the current job's
+            rows[job.key()] = {**json.loads(f.read_text()), "launch": job.launch, "config": job.config}
         else:
             todo.append(job)
     log(f"compile_report: {len(jobs)} compiles, {len(jobs) - len(todo)} cached under {cache_dir}, "
