@@ -232,12 +232,12 @@ def test_eval_prompt_is_the_training_prompt_of_the_same_question():
 
 
 def test_export_carries_the_chat_template_and_transformers_gives_the_same_ids():
+    out, _ = finished_sweep()
     from transformers import AutoProcessor
 
     from barnfast.data.chat import encode_prompt
     from barnfast.data.images import load_image
 
-    out, _ = finished_sweep()
     item = load_items(_data() / "eval_open.jsonl", limit=1)[0]
     for backbone in BACKBONES:
         vlm = ExportedVLM(out / backbone / "export", device="cpu")

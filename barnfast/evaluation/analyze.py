@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 from barnfast.evaluation import scores  # noqa: E402
 
 TASKS = ("open", "mc", "yesno")
+CHANCE_LABEL = "chance (mc, yes/no: 1/options; open: majority answer)"
 PERCEPTION = ("colour", "shape")
 REASONING = ("count", "position")
 
@@ -254,7 +255,7 @@ def fig_accuracy(intervals: dict, path: Path) -> None:
         for i, n in enumerate(names):
             ch = float(np.mean([intervals[b][kind][n]["chance"] for b in backbones if n in intervals[b][kind]]))
             ax.hlines(ch, i - width / 2 - 0.05, i + 0.8 - width / 2 + 0.05, colors="k", linestyles="--", lw=1.2,
-                      label="chance (guessing)" if i == 0 else None)
+                      label=CHANCE_LABEL if i == 0 else None)
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("accuracy")
@@ -302,7 +303,7 @@ def fig_ablation(abl: dict, path: Path) -> None:
                    color=colour, label=label)
         for i, t in enumerate(tasks):
             ax.hlines(abl[b][t]["chance"], i - width / 2 - 0.05, i + 0.8 - width / 2 + 0.05, colors="k",
-                      linestyles="--", lw=1.2, label="chance (guessing)" if i == 0 else None)
+                      linestyles="--", lw=1.2, label=CHANCE_LABEL if i == 0 else None)
         ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, [f"{t}\n(n={abl[b][t]['n']})" for t in tasks])
         ax.set_ylim(0, 1.05)
         ax.set_title(b, fontsize=10)
