@@ -20,6 +20,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+# `python -m pytest bench/` puts the repository root on sys.path, where the folder kernels/ looks like a
+# top-level package `kernels`; transformers probes for the PyPI package of that name at import and, finding
+# no metadata, imports ours a second time, re-registering the barnfast:: custom ops. Measured: when that
+# happens after barnfast.kernels was imported, the next fused-loss call segfaults. Probing first makes the
+# real barnfast.kernels the last (and consistent) registration.
+import transformers.integrations.hub_kernels  # noqa: F401,I001  (before barnfast.kernels, see above)
+
 from bench.harness import device_name, peak_memory_mb, time_fn
 
 CUDA = torch.cuda.is_available()

@@ -81,8 +81,8 @@ def microbench_markdown(json_path: Path) -> str:
         med = st["median"]
         cuda = ex.get("cuda_event_p50_ms")
         t = (cuda / 1e3) if cuda else med
-        rate = (f"{ex['gflop'] / t / 1e3:.1f} TFLOP/s" if "gflop" in ex else
-                f"{ex['gbytes'] / t:.1f} GB/s" if "gbytes" in ex else "")
+        rate = (f"{ex['gflop'] / t / 1e3:.3g} TFLOP/s" if "gflop" in ex else
+                f"{ex['gbytes'] / t:.3g} GB/s" if "gbytes" in ex else "")
         peak = ex.get("peak_mib")
         lines.append(f"| {b.get('group')} | {ex.get('provider', b['param'] if b.get('param') else b['name'])} | "
                      f"{med * 1e3:.3g} | {st['min'] * 1e3:.3g} | {f'{cuda:.3g}' if cuda else '—'} | "

@@ -24,4 +24,4 @@ def test_plan_epoch(benchmark, backend, token_budget):
     fn = functools.partial(packing.plan_epoch, LENS, global_batch=128, token_budget=token_budget, world_size=8,
                            backend=backend)
     plan = benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["micro_batches"] = plan.num_micro_batches
+    benchmark.extra_info.update(provider=backend, micro_batches=plan.num_micro_batches)

@@ -71,8 +71,8 @@ def test_microbench_json_becomes_one_table(tmp_path):
     f = tmp_path / "mb.json"
     f.write_text(json.dumps(data))
     md = run_all.microbench_markdown(f)
-    assert "| flce | barnfast | 2 | 1 | 2 | 10 | 3.0 TFLOP/s |" in md  # 6 GFLOP in 2 ms (CUDA events)
-    assert "| merge | llava loop | 4 | 3 | — | — | 100.0 GB/s |" in md
+    assert "| flce | barnfast | 2 | 1 | 2 | 10 | 3 TFLOP/s |" in md  # 6 GFLOP in 2 ms (CUDA events)
+    assert "| merge | llava loop | 4 | 3 | — | — | 100 GB/s |" in md
 
 
 def test_llava_sampler_keeps_modalities_apart_and_balances_rank_batches():
