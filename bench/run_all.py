@@ -49,8 +49,9 @@ MICROBENCH = [PY, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:
 STEPS = [
     Step("cuda-tests", [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *CUDA_TESTS], None, 150, None),
     Step("microbench", MICROBENCH, MICROBENCH, 270, "microbench", cpu_timeout_s=600),
-    # CPU: torch.compile of the full-logits reference is left to the microbench step (its inductor compile
-    # took most of the 300 s here); the table keeps the reference and barnfast's chunked backend
+    # CPU: torch.compile of the full-logits reference is left to the microbench step. NOT FIXED: even so this
+    # step timed out at 300 s on the shared 2-core machine (load ~12, 2026-12-01); the acceptance shape
+    # (N=2048, H=512, V=128256) costs ~13 s per reference call there
     Step("fused_linear_cross_entropy", None, [PY, "-m", "bench.bench_fused_linear_cross_entropy",
                                               "--providers", "reference,barnfast-torch"], 120,
          "bench_fused_linear_cross_entropy", cpu_timeout_s=300),
