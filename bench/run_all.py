@@ -49,12 +49,16 @@ MICROBENCH = [PY, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:
 STEPS = [
     Step("cuda-tests", [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *CUDA_TESTS], None, 150, None),
     Step("microbench", MICROBENCH, MICROBENCH, 270, "microbench", cpu_timeout_s=600),
-    Step("fused_linear_cross_entropy", None, [PY, "-m", "bench.bench_fused_linear_cross_entropy"], 120,
+    # CPU: torch.compile of the full-logits reference is left to the microbench step. NOT FIXED: even so this
+    # step timed out at 300 s on the shared 2-core machine (load ~12, 2026-12-01); the acceptance shape
+    # (N=2048, H=512, V=128256) costs ~13 s per reference call there
+    Step("fused_linear_cross_entropy", None, [PY, "-m", "bench.bench_fused_linear_cross_entropy",
+                                              "--providers", "reference,barnfast-torch"], 120,
          "bench_fused_linear_cross_entropy", cpu_timeout_s=300),
     Step("projector_mlp", None, [PY, "-m", "bench.bench_projector_mlp", "--images", "1"], 60,
          "bench_projector_mlp", cpu_timeout_s=180),
     Step("merge_visual_text", None, [PY, "-m", "bench.bench_merge_visual_text", "--dtype", "fp32"], 45,
-         "bench_merge_visual_text", cpu_timeout_s=180),
+         "bench_merge_visual_text", cpu_timeout_s=300),  # measured 178 s on 2 shared cores (2026-12-01)
     Step("planner", None, [PY, "-m", "bench.bench_planner"], 30, "bench_planner", cpu_timeout_s=120),
     Step("train_step", [PY, "-m", "bench.bench_train_step", "--gpu", "--layers", "4"],
          [PY, "-m", "bench.bench_train_step", "--cpu"], 150, "bench_train_step", cpu_timeout_s=300),
