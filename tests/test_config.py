@@ -49,7 +49,7 @@ def test_unknown_fields_and_sections_are_rejected():
 def test_cli_picks_tiny_recipe_and_parses_set_values():
     r = recipe_from_args(parse_args(["--backbone", "llama3-tiny", "--set", "stage2.lr=3e-4", "--set",
                                      "train.packing=false", "--max-steps", "2"]))
-    assert r.model.backbone == "llama3-tiny" and r.stages[0].global_batch == 32  # llava15-tiny.toml
+    assert r.model.backbone == "llama3-tiny" and r.stages[0].global_batch == 16
     assert r.stages[1].lr == 3e-4 and r.train.packing is False and r.stages[0].max_steps == 2
     assert recipe_from_args(parse_args(["--backbone", "llama3"])).stages[0].global_batch == 256
 
