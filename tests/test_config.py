@@ -17,7 +17,7 @@ def test_full_recipe_is_llava15():
 
 def test_overrides_apply_to_the_named_field():
     r = load_recipe("llava15-tiny", {"train.seed": 7, "stage2.lr": 1e-4, "stages.max_steps": 3, "output_dir": "x"})
-    assert r.train.seed == 7 and r.stages[1].lr == 1e-4 and r.stages[0].lr == 6e-3  # stage 1 keeps the file value
+    assert r.train.seed == 7 and r.stages[1].lr == 1e-4 and r.stages[0].lr == 1e-3
     assert all(s.max_steps == 3 for s in r.stages) and r.output_dir == "x"
 
 

@@ -40,9 +40,9 @@ def test_two_stages_train_and_export(tmp_path, backbone):
     for key in ("step", "stage", "loss", "lr", "grad_norm", "tokens_per_s", "samples_seen", "padding_efficiency"):
         assert key in s1[0]
     assert s1[-1]["samples_seen"] == 96 and s2[-1]["samples_seen"] == 96 + 64
-    assert s1[-1]["loss"] < s1[0]["loss"] - 0.02, [r["loss"] for r in s1]  # learns at llava15-tiny's lr
+    assert s1[-1]["loss"] < s1[0]["loss"] - 0.02, [r["loss"] for r in s1]  # projector learns at lr 1e-3
     assert s1[0]["padding_efficiency"] == 1.0
-    assert [r["lr"] for r in s2] == [lr_at(i, len(s2), 6e-3, 0.03) for i in range(len(s2))]
+    assert [r["lr"] for r in s2] == [lr_at(i, len(s2), 2e-5, 0.03) for i in range(len(s2))]
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["model"]["backbone"] == backbone and record["versions"]["torch"] == torch.__version__
     assert "git_revision" in record
@@ -60,9 +60,7 @@ def test_two_stages_train_and_export(tmp_path, backbone):
 
 def test_stage1_trains_projector_only(tmp_path):
     out = tmp_path / "run"
-    # LLaVA's stage 1 (llava15-tiny trains its random-initialised LLM in stage 1 too: train_llm=true there)
-    main(["--backbone", "llama1-tiny", "--output-dir", str(out), "--stages", "stage1", "--max-steps", "2",
-          "--set", "stage1.train_llm=false", *SMALL])
+    main(["--backbone", "llama1-tiny", "--output-dir", str(out), "--stages", "stage1", "--max-steps", "2", *SMALL])
     meta = FileSystemReader(out / "checkpoints" / "stage1-step000002").read_metadata()
     saved = [k for k in meta.state_dict_metadata if k.startswith("model.")]
     assert saved and all(k.startswith("model.hf.model.multi_modal_projector.") for k in saved), saved
