@@ -20,13 +20,6 @@ resolves the recipe without importing torch, then hands over to :mod:`barnfast.t
 from __future__ import annotations
 
 import argparse
-import os
-
-# Before torch (and its OpenMP runtime) is imported: idle OpenMP threads sleep instead of spinning. On a
-# CPU shared with other jobs, spinning threads fight for the cores: a (3066, 64) x (64, 64) matmul took
-# 15 ms with 2 spinning threads and 0.35 ms with passive waiting on the 2-core CI box under load 11.
-# GPU runs are unaffected (their CPU threads mostly wait on the device). An explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from barnfast.config import Recipe, load_recipe
 from barnfast.errors import ConfigError

@@ -17,7 +17,7 @@ def test_full_recipe_is_llava15():
 
 def test_overrides_apply_to_the_named_field():
     r = load_recipe("llava15-tiny", {"train.seed": 7, "stage2.lr": 1e-4, "stages.max_steps": 3, "output_dir": "x"})
-    assert r.train.seed == 7 and r.stages[1].lr == 1e-4 and r.stages[0].lr == 6e-3  # stage 1 keeps the file value
+    assert r.train.seed == 7 and r.stages[1].lr == 1e-4 and r.stages[0].lr == 1e-3
     assert all(s.max_steps == 3 for s in r.stages) and r.output_dir == "x"
 
 
@@ -49,7 +49,7 @@ def test_unknown_fields_and_sections_are_rejected():
 def test_cli_picks_tiny_recipe_and_parses_set_values():
     r = recipe_from_args(parse_args(["--backbone", "llama3-tiny", "--set", "stage2.lr=3e-4", "--set",
                                      "train.packing=false", "--max-steps", "2"]))
-    assert r.model.backbone == "llama3-tiny" and r.stages[0].global_batch == 32  # llava15-tiny.toml
+    assert r.model.backbone == "llama3-tiny" and r.stages[0].global_batch == 16
     assert r.stages[1].lr == 3e-4 and r.train.packing is False and r.stages[0].max_steps == 2
     assert recipe_from_args(parse_args(["--backbone", "llama3"])).stages[0].global_batch == 256
 

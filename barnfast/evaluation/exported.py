@@ -11,21 +11,16 @@ an answer's tokens are exactly the labelled tokens training would have used for 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning (see barnfast/train.py: 40x faster small matmuls on a
-# shared CPU); set before torch is imported, an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import PIL.Image
+import torch
 
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-import torch  # noqa: E402
-
-from barnfast.data.chat import IMAGE_PLACEHOLDER, encode_conversation, encode_prompt  # noqa: E402
-from barnfast.data.images import load_image  # noqa: E402
-from barnfast.models import vision as vision_registry  # noqa: E402
-from barnfast.models.export import read_meta  # noqa: E402
+from barnfast.data.chat import IMAGE_PLACEHOLDER, encode_conversation, encode_prompt
+from barnfast.data.images import load_image
+from barnfast.models import vision as vision_registry
+from barnfast.models.export import read_meta
 
 
 class ExportedVLM:

@@ -44,12 +44,8 @@ def build_optimizer(params, *, kind: str = "adamw", lr: float, weight_decay: flo
     params = list(params)
     if kind == "adamw":
         on_cuda = all(p.is_cuda for p in _tensors(params)) and torch.cuda.is_available()
-        # CPU has a fused AdamW too (torch >= 2.4): one pass over each tensor instead of ~10 elementwise
-        # kernels. Measured on the shared 2-core CI box, 4.1M parameters (llama1-tiny's embedding + head):
-        # 90 ms per step single-tensor, 10.5 ms fused; the tiny llama3's 16.5M scale the same way.
-        on_cpu = all(p.device.type == "cpu" for p in _tensors(params))
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
-                                 fused=True if on_cuda or on_cpu else None)
+                                 fused=True if on_cuda else None)
     if kind == "adamw8bit":
         optim = _import("torchao.optim", "train.optimizer='adamw8bit'")
         return _adamw8bit_class(optim.AdamW8bit)(params, lr=lr, betas=betas, weight_decay=weight_decay)
