@@ -659,7 +659,7 @@ def _compute_dtype(hidden, weight, bias):
     ``F.linear`` would not); ``torch.get_autocast_dtype`` and ``torch.is_autocast_enabled(device)`` are torch
     >= 2.4."""
     dev = hidden.device.type
-    if not torch.is_autocast_enabled(dev):
+    if dev == "meta" or not torch.is_autocast_enabled(dev):  # meta: traced for shapes (bench/predict_gpu.py)
         return ""
     dt = torch.get_autocast_dtype(dev)
     ins = [t.dtype for t in (hidden, weight, bias) if t is not None]

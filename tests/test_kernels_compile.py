@@ -35,7 +35,7 @@ def rows(request, tmp_path_factory):
         import triton.backends.nvidia  # noqa: F401  (the CUDA backend ships in the triton wheel)
     except ImportError as e:
         pytest.skip(f"triton has no NVIDIA backend here: {e}")
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     cache_dir = (cache.mkdir("barnfast-kernel-compile") if cache is not None
                  else tmp_path_factory.mktemp("barnfast-kernel-compile"))
     out = tmp_path_factory.mktemp("compile") / "rows.json"
