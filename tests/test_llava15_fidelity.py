@@ -80,20 +80,20 @@ V_IMG = "▁USER: ▁ <image> <image> ▁ \\nWhat"  # vicuna: lone ▁ before th
 L2_IMG = "▁[INST] ▁ <image> <image> ▁ \\nWhat"
 L3U = "<|start_header_id|> user <|end_header_id|> Ċ Ċ"
 L3A = "<|start_header_id|> assistant <|end_header_id|> Ċ Ċ"
-DATES = ("<|start_header_id|> system <|end_header_id|> Ċ Ċ C u t t ing Ġ K n ow led ge Ġ D at e : Ġ D e ce m b er Ġ "
-         "2 0 2 3 Ċ T o d a y Ġ D at e : Ġ 2 6 Ġ J u l Ġ 2 0 2 4 Ċ Ċ")  # Meta's 3.1 system header
+DATES = ("<|start_header_id|> system <|end_header_id|> Ċ Ċ C u t t ing ĠK n ow led ge ĠD at e : ĠD e ce m b er Ġ "
+         "2 0 2 3 Ċ T o d a y ĠD at e : Ġ 2 6 ĠJ u l Ġ 2 0 2 4 Ċ Ċ")  # Meta's 3.1 system header
 L31 = f"<|begin_of_text|> {DATES} <|eot_id|>"
 L3 = "<|begin_of_text|>"
 EXPECTED = {
     ("vicuna_v1", "single"): f"<s> {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s>",
     ("vicuna_v1", "multi"): f"<s> {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s> "
-                            "USER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
+                            "U SER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
     ("vicuna_v1", "text_only"): "<s> ▁USER: ▁What ▁is ▁a ▁circle? ▁ASSISTANT: +▁A +▁shape +</s>",
     # LLaVA's replace leaves two spaces where the image was: "What  colour"
     ("vicuna_v1", "image_middle"): f"<s> {V_IMG} ▁ ▁colour ▁is ▁it? ▁ASSISTANT: +▁Red +</s>",
     ("vicuna_v1", "image_end"): f"<s> {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s>",
     ("vicuna_v1", "image_second_turn"): "<s> ▁USER: ▁H i ▁ASSISTANT: +▁Yes +</s> "
-                                        "USER: ▁ <image> <image> ▁ \\nWhat ▁colour ? ▁ASSISTANT: +▁Blue +</s>",
+                                        "U SER: ▁ <image> <image> ▁ \\nWhat ▁colour ? ▁ASSISTANT: +▁Blue +</s>",
     ("vicuna_v1", "unicode_spaces"): "<s> ▁USER: ▁ <image> <image> ▁ \\nI s ▁it ▁ ▁c a f <0xC3> <0xA9> ▁ ▁ ▁red ? "
                                      "▁ASSISTANT: +▁Yes +▁ +▁it +▁is +▁ +<0xC3> +<0xA9> +</s>",
     ("llama_2", "single"): f"<s> {L2_IMG} ▁colour ▁is ▁the ▁shape? ▁[/INST] +▁Red +▁ +</s>",
@@ -156,7 +156,7 @@ LLAVA_SYS_SP_HEAD = ("▁<<SYS>> \\nY ou ▁are ▁a ▁helpful ▁language ▁a
 LLAVA_SYS_SP = LLAVA_SYS_SP_HEAD + " \\n"  # the block's last newline on its own, when an image follows
 DEFAULT_SYSTEM = {  # CASES["multi"] with the image after the question, and the template's own system text
     "vicuna_v1": f"<s> {VICUNA_SYS} {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s> "
-                 "USER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
+                 "U SER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
     # the system block ends in "\n\n": that chunk has no trailing space, so no lone ▁ before the image
     "llama_2": f"<s> ▁[INST] {LLAVA_SYS_SP} <image> <image> ▁ \\nWhat ▁colour ▁is ▁the ▁shape? ▁[/INST] +▁Red +▁ "
                "+</s> <s> [ INST] ▁How ▁many ▁shapes ▁are ▁there? ▁[/INST] +▁Two +▁ +</s>",
@@ -192,7 +192,7 @@ def test_image_kept_in_place_when_switched_off(template, expected):
 
 @pytest.mark.parametrize("backbone,expected", [
     # conv_llava_plain: "<image>" + caption + "\n"; the caption chunk starts with ▁ (item 8: "▁A", not "A")
-    ("vicuna-tiny", "<s> <image> <image> +▁A +▁red +▁circle +.\\n"),
+    ("vicuna-tiny", "<s> <image> <image> +▁A +▁red +▁circle +. +\\n"),
     ("llama3-tiny", "<|begin_of_text|> <image> <image> +A +Ġred +Ġcircle +.Ċ"),
 ])
 def test_stage1_plain_stream(backbone, expected):
