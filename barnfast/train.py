@@ -90,7 +90,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         "train.token_budget": args.token_budget, "train.packing": False if args.no_packing else None,
         "train.kernel_backend": args.kernel_backend, "stages.max_steps": args.max_steps,
         "train.checkpoint_every": args.checkpoint_every,
-        "train.report_to": args.report_to,
+        "train.report_to": None if args.report_to is None else [x.strip() for x in args.report_to.split(",")
+                                                                  if x.strip() and x.strip() != "none"],
     }
     for item in args.set:
         key, sep, value = item.partition("=")

@@ -405,7 +405,7 @@ def test_report_shows_the_ablation_control_intervals_and_a_header_without_none()
     out, _ = finished_sweep()
     result = analyze.build_report(out, stability_items=0)
     report = (out / "report.md").read_text()
-    header = report.splitlines()[2]
+    header = next(line for line in report.splitlines() if line.startswith("Sweep: "))
     assert "None" not in header and "every stage run to its last epoch" not in header  # the sweep set --max-steps
     assert "at most 2 optimizer steps per stage" in header
     assert "### With and without the right image (image-ablation control)" in report

@@ -42,7 +42,7 @@ def test_two_stages_train_and_export(tmp_path, backbone):
     assert s1[-1]["samples_seen"] == 96 and s2[-1]["samples_seen"] == 96 + 64
     assert s1[-1]["loss"] < s1[0]["loss"] - 0.02, [r["loss"] for r in s1]  # projector learns at lr 1e-3
     assert s1[0]["padding_efficiency"] == 1.0
-    assert [r["lr"] for r in s2] == [lr_at(i, len(s2), 2e-5, 0.03) for i in range(len(s2))]
+    assert [r["lr"] for r in s2] == [lr_at(i, len(s2), 2e-5, 0.0) for i in range(len(s2))]  # the tiny recipe
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["model"]["backbone"] == backbone and record["versions"]["torch"] == torch.__version__
     assert "git_revision" in record

@@ -90,11 +90,14 @@ def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype |
 # LlavaProcessor expands it to the tower's slots). Message content may be a string or transformers' list of
 # {"type": "image"} / {"type": "text", "text": ...} parts; an image part renders as "<image>\n", LLaVA's
 # placement, which is also where barnfast's evaluation puts it.
+# IMAGE_TEXT is "<image>\n" for byte-level vocabularies and "<image> \n" for the Metaspace ones: barnfast, as
+# LLaVA's tokenizer_image_token, tokenizes the text after an image as a fresh call, which opens it with "▁".
 _JINJA_CONTENT = (
     "{%- macro content(c) -%}{%- if c is string -%}{{ c }}{%- else -%}{%- for part in c -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>\n' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- if part['type'] == 'image' -%}{{ IMAGE_TEXT }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
 )
+_METASPACE_TEMPLATES = ("vicuna_v1", "llama_2", "mistral")
 _JINJA_SYSTEM = (
     "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = content(messages[0]['content']) -%}"
     "{%- set turns = messages[1:] -%}{%- else -%}{%- set system = DEFAULT_SYSTEM -%}{%- set turns = messages -%}"
@@ -128,6 +131,13 @@ _JINJA_BODY = {
         " + '<|eot_id|>' }}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
     ),
+    "llama_3_1": (
+        "{{ bos_token }}{{ '<|start_header_id|>system<|end_header_id|>\n\n' + LLAMA_3_1_HEADER + (system or '') | trim"
+        " + '<|eot_id|>' }}{%- for m in turns -%}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + content(m['content']) | trim"
+        " + '<|eot_id|>' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+    ),
     "chatml": (
         "{%- if system -%}{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}{%- endif -%}"
         "{%- for m in turns -%}{{ '<|im_start|>' + m['role'] + '\n' + content(m['content']) + '<|im_end|>\n' }}"
@@ -146,8 +156,12 @@ def hf_chat_template(template: str) -> str | None:
     if template not in _JINJA_BODY:
         raise ValueError(f"no transformers chat template for {template!r}; known: {', '.join(_JINJA_BODY)}")
     default = TEMPLATES[template].default_system
-    return (_JINJA_CONTENT + "{%- set DEFAULT_SYSTEM = " + json.dumps(default) + " -%}" + _JINJA_SYSTEM
-            + _JINJA_BODY[template])
+    from barnfast.data.chat import LLAMA_3_1_SYSTEM_HEADER
+
+    image_text = "<image> \n" if template in _METASPACE_TEMPLATES else "<image>\n"
+    return ("{%- set IMAGE_TEXT = " + json.dumps(image_text) + " -%}"
+            + "{%- set LLAMA_3_1_HEADER = " + json.dumps(LLAMA_3_1_SYSTEM_HEADER) + " -%}" + _JINJA_CONTENT
+            + "{%- set DEFAULT_SYSTEM = " + json.dumps(default) + " -%}" + _JINJA_SYSTEM + _JINJA_BODY[template])
 
 
 def _meta(model: LlavaVLM, fmt: str, meta: dict | None) -> dict:
