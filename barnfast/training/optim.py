@@ -43,9 +43,12 @@ def build_optimizer(params, *, kind: str = "adamw", lr: float, weight_decay: flo
     """The optimizer named by ``train.optimizer`` over ``params`` (an iterable of tensors or groups)."""
     params = list(params)
     if kind == "adamw":
-        on_cuda = all(p.is_cuda for p in _tensors(params)) and torch.cuda.is_available()
+        # The fused kernel (CUDA and, since torch 2.4, CPU) updates every tensor in one pass; the default
+        # foreach path on CPU made the optimizer half of a -tiny llama3 step (131 of 263 ms: the 2 x 8.2M
+        # parameters of its 128,256-row embedding and head), fused takes it to ~10 ms.
+        fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in _tensors(params))
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
-                                 fused=True if on_cuda else None)
+                                 fused=True if fusable else None)
     if kind == "adamw8bit":
         optim = _import("torchao.optim", "train.optimizer='adamw8bit'")
         return _adamw8bit_class(optim.AdamW8bit)(params, lr=lr, betas=betas, weight_decay=weight_decay)

@@ -364,9 +364,6 @@ class Trainer:
         return self.model
 
     def build_optimizer(self, params, stage):
-        if self.recipe.train.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=stage.weight_decay,
-                                     fused=self.device.type == "cuda")
         from barnfast.training.optim import build_optimizer
 
         return build_optimizer(params, kind=self.recipe.train.optimizer, lr=stage.lr, weight_decay=stage.weight_decay)
