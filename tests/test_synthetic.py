@@ -19,6 +19,7 @@ from barnfast.data.synthetic import (
     ANSWER_VARIANTS,
     CATEGORIES,
     COLOURS,
+    DESCRIBE_PROMPTS,
     SHAPES,
     answer_of,
     ensure_synthetic,
@@ -103,7 +104,11 @@ def test_stage2_instructions(dataset):
         validate_sample(s)  # roles alternate from human, placeholder count == number of images
         roles = [t["from"] for t in s.conversations]
         assert roles == ["human", "gpt"] * (len(roles) // 2)
-        assert all(len(t["value"]) < 30 for t in s.conversations if t["from"] == "gpt")  # short answers
+        described = s.conversations[0]["value"].replace("<image>", "").strip() in DESCRIBE_PROMPTS
+        if described:  # a description sample: one turn, answered by a caption
+            assert len(roles) == 2 and s.conversations[1]["value"].endswith(".")
+        else:
+            assert all(len(t["value"]) < 30 for t in s.conversations if t["from"] == "gpt")  # short answers
     with_image = [s for s in samples if s.images]
     text_only = [s for s in samples if not s.images]
     assert text_only and all("<image>" not in t["value"] for s in text_only for t in s.conversations)
@@ -114,6 +119,9 @@ def test_stage2_instructions(dataset):
     assert any(len(s.conversations) > 2 for s in with_image)
     answers = Counter(t["value"] for s in samples for t in s.conversations if t["from"] == "gpt")
     assert {"yes", "no"} & answers.keys() and {"A", "B", "C", "D"} & answers.keys()
+    descriptions = [s for s in with_image if s.conversations[0]["value"].replace("<image>", "").strip()
+                    in DESCRIBE_PROMPTS]
+    assert 0 < len(descriptions) < len(with_image)
 
 
 def test_eval_fields(dataset):

@@ -93,6 +93,8 @@ class Backbone:
     variant: str = "base"
     """``base`` (pretrained only), ``chat`` or ``instruct`` (tuned to follow a chat template): a sweep should
     compare like with like, and the report states which each run used."""
+    initializer_range: float = 0.02
+    """Std of the random init (``config.initializer_range``): the checkpoints' 0.02, 1/sqrt(width) for tiny twins."""
 
     @property
     def gqa_ratio(self) -> int:
@@ -122,6 +124,7 @@ class Backbone:
             bos_token_id=tok_ids.get("bos"),
             eos_token_id=tok_ids.get("eos"),
             pad_token_id=tok_ids.get("pad"),
+            initializer_range=self.initializer_range,
         )
         if self.family == "mistral":
             kwargs["sliding_window"] = None  # v0.2 dropped v0.1's 4096-token window
@@ -420,6 +423,11 @@ def _tiny(real: Backbone) -> Backbone:
         num_attention_heads=heads,
         num_key_value_heads=heads // real.gqa_ratio,
         rope_scaling=None if real.rope_scaling is None else dict(real.rope_scaling),
+        # The real models' 0.02 is ~1.3/sqrt(4096); at width 64 it leaves every activation and attention logit
+        # ~8x too small, attention stays uniform and a random-init decoder learns the answer priors only. At
+        # 1/sqrt(width) = 0.125 a 2-layer decoder learns "<statement> Are the shapes blue?" yes/no in text from
+        # 0.55 to 0.98 accuracy in 750 steps of 32 (at 0.02: 0.55 after 1,500 steps).
+        initializer_range=hidden ** -0.5,
         tiny=True,
     )
 
