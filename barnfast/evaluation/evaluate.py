@@ -14,10 +14,12 @@ record: ``id, task, category, prediction, answer, correct, confidence, option_pr
 
 How each task is scored (``score_item``):
 
-- ``mc`` (ScienceQA / MMBench / SEED style): the log-likelihood of each option letter as the
-  assistant's answer (the answer tokens and the end-of-turn token, summed); the prediction is the
-  arg-max, ``option_probs`` the softmax over the options, ``confidence`` the prediction's share.
-- ``yesno`` (POPE / MME style): the same over the two answers, where each answer's likelihood is the
+- ``mc`` (ScienceQA / MMBench / SEED style): the log-probability of each option letter's first answer
+  token (``--option-scoring first_token``, the default, as lmms-eval reads the generated letter; when two
+  options begin with the same token, the mean log-probability of their answer tokens, which is what
+  ``--option-scoring mean`` always uses), so an option's token count cannot matter; the prediction is
+  the arg-max, ``option_probs`` the softmax over the options, ``confidence`` the prediction's share.
+- ``yesno`` (POPE / MME style): the same over the two answers, where each answer's probability is the
   sum over its two spellings ("yes" + "Yes", "no" + "No"); the summary adds POPE's accuracy,
   precision, recall, F1 and yes-ratio.
 - ``open``: greedy decoding with the backbone's stop tokens (``--max-new-tokens``, 16); ``correct``
