@@ -157,9 +157,12 @@ def _float8_vs_reference(device: str, dtype: torch.dtype, emulate: bool):
 def test_float8_conversion_numerics_emulated_on_any_device():
     """The conversion path (which linears, same keys, T not a multiple of 16) with emulated float8."""
     loss, loss_ref, rel = _float8_vs_reference("cpu", torch.float32, emulate=True)
-    assert loss == pytest.approx(loss_ref, rel=1e-3)
-    # e4m3 activations/weights, e5m2 gradients (2 mantissa bits): observed 0.06-0.11 relative norm error.
-    assert all(1e-4 < r < 0.25 for r in rel.values()), rel
+    # e4m3 forward: observed 0.8% loss error at the tiny decoders' init (std 1/sqrt(width), activations O(1)
+    # like the real models'); 0.1% at the former 0.02, whose activations were ~8x smaller than a real model's
+    assert loss == pytest.approx(loss_ref, rel=1e-2)
+    # e4m3 activations/weights, e5m2 gradients (2 mantissa bits): observed 0.17-0.30 relative norm error at the
+    # tiny decoders' 1/sqrt(width) init (0.06-0.11 at the former 0.02): float8 is used, and nothing worse.
+    assert all(1e-4 < r < 0.4 for r in rel.values()), rel
 
 
 def test_float8_converts_lora_base_layers_not_adapters():
@@ -177,5 +180,5 @@ def test_float8_trains_on_h100():
     if not ok:
         pytest.skip(f"float8 training unavailable: {why}")
     loss, loss_ref, rel = _float8_vs_reference("cuda", torch.bfloat16, emulate=False)
-    assert loss == pytest.approx(loss_ref, rel=1e-2)
-    assert all(1e-4 < r < 0.3 for r in rel.values()), rel
+    assert loss == pytest.approx(loss_ref, rel=2e-2)  # bf16 reference on top of the CPU test's 0.8%
+    assert all(1e-4 < r < 0.4 for r in rel.values()), rel  # as the emulated test (0.17-0.30 observed on CPU)

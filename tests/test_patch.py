@@ -76,7 +76,10 @@ def _loss_and_grads(model, batch, **kwargs):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_same(loss, ref_loss, grads, ref_grads, rtol=1e-5, atol=1e-7):
+# atol: fp32 summation-order noise of the chunked loss vs full logits. Observed up to 2e-7 on 18 of 18,816
+# elements of the vision tower's patch-embedding gradient once the tiny decoders are initialised at
+# 1/sqrt(width) (activations O(1), as in the real models); 1e-7 held at the former init's ~8x smaller values.
+def _assert_same(loss, ref_loss, grads, ref_grads, rtol=1e-5, atol=1e-6):
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
     for name, g in grads.items():

@@ -27,7 +27,9 @@ def test_fsdp_two_processes_match_one(tmp_path):
     got = LlavaForConditionalGeneration.from_pretrained(tmp_path / "fsdp" / "export")
     for (n, p), (m, q) in zip(ref.state_dict().items(), got.state_dict().items()):
         assert n == m
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
+        # within 1% of one AdamW step (lr 1e-3): Adam's sign-like step turns reduction-order noise in a near-zero
+        # gradient element into up to a fraction of a step (observed: 1 of 14,336 elements off by 3.8e-6)
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
 
 
 def _small_run(out: Path, *extra: str) -> list[dict]:

@@ -233,7 +233,7 @@ def test_sweep_refuses_a_run_made_with_other_settings_and_overwrite_retrains_it(
     with pytest.raises(SystemExit) as err:
         sweep.main(argv)
     msg = str(err.value)
-    for line in ("train.seed: 7 -> 42", "stages[stage2].lr: 0.005 -> 2e-05", "data.vision_cache: False -> True",
+    for line in ("train.seed: 7 -> 42", "stages[stage2].lr: 0.005 -> 0.001", "data.vision_cache: False -> True",
                  "--overwrite llama1-tiny"):
         assert line in msg, msg
     assert json.loads((out / "llama1-tiny" / "run.json").read_text())["config"]["train"]["seed"] == 7
