@@ -49,9 +49,9 @@ MICROBENCH = [PY, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:
 STEPS = [
     Step("cuda-tests", [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *CUDA_TESTS], None, 150, None),
     Step("microbench", MICROBENCH, MICROBENCH, 270, "microbench", cpu_timeout_s=600),
-    # CPU: torch.compile of the full-logits reference is left to the microbench step. NOT FIXED: even so this
-    # step timed out at 300 s on the shared 2-core machine (load ~12, 2026-12-01); the acceptance shape
-    # (N=2048, H=512, V=128256) costs ~13 s per reference call there
+    # CPU: torch.compile of the full-logits reference is left to the microbench step. The acceptance shape
+    # (N=2048, H=512, V=128256) costs 7-11 s per reference call: the step took 145 s on a quiet 2-core machine
+    # (2026-12-01) and timed out at 300 s when the machine was shared (load ~12)
     Step("fused_linear_cross_entropy", None, [PY, "-m", "bench.bench_fused_linear_cross_entropy",
                                               "--providers", "reference,barnfast-torch"], 120,
          "bench_fused_linear_cross_entropy", cpu_timeout_s=300),
