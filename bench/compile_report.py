@@ -118,6 +118,26 @@ def record_launches(kernel):
         del kernel.run
 
 
+PROJECTOR_LAUNCHES = ("fc1", "fc2", "dh", "dw2", "dx", "dw1")  # launch order of the projector's fwd, then bwd
+
+
+def projector_step_calls(rec, M: int, width: int, hidden: int, dtype, approximate: bool) -> list:
+    """The (args, kwargs) of the projector kernel's launches for one fwd + bwd at (M, width) -> hidden on meta
+    tensors, as recorded by ``rec`` (a :func:`record_launches` context): one per name in PROJECTOR_LAUNCHES."""
+    import torch
+
+    pm = importlib.import_module("barnfast.kernels.projector_mlp")
+    x = torch.empty(M, width, device="meta", dtype=dtype)
+    w1 = torch.empty(hidden, width, device="meta", dtype=dtype)
+    w2 = torch.empty(hidden, hidden, device="meta", dtype=dtype)
+    b = torch.empty(hidden, device="meta", dtype=dtype)
+    n0 = len(rec.calls)
+    _, h = pm._projector_mlp_fwd(x, w1, b, w2, b, approximate, True)
+    dy = torch.empty(M, hidden, device="meta", dtype=dtype)
+    pm._projector_mlp_bwd(dy, x, w1, h, w2, approximate, [True] * 5, dtype, dtype)
+    return rec.calls[n0:]
+
+
 def _projector_launches():
     import torch
 
@@ -133,18 +153,10 @@ def _projector_launches():
                     for tokens in MICRO_TOKENS:
                         M = (tokens // 2 // per_image) * per_image  # about half the micro-batch is visual
                         for approx in (False, True):
-                            x = torch.empty(M, width, device="meta", dtype=dt)
-                            w1 = torch.empty(hidden, width, device="meta", dtype=dt)
-                            w2 = torch.empty(hidden, hidden, device="meta", dtype=dt)
-                            b = torch.empty(hidden, device="meta", dtype=dt)
-                            n0 = len(rec.calls)
-                            _, h = pm._projector_mlp_fwd(x, w1, b, w2, b, approx, True)
-                            dy = torch.empty(M, hidden, device="meta", dtype=dt)
-                            pm._projector_mlp_bwd(dy, x, w1, h, w2, approx, [True] * 5, dt, dt)
-                            names = ["fc1", "fc2", "dh", "dw2", "dx", "dw1"]  # launch order of fwd, bwd
+                            calls = projector_step_calls(rec, M, width, hidden, dt, approx)
                             tower = "clip-l" if width == 1024 else "siglip"
                             tag = f"{'tanh' if approx else 'erf'} {'bf16' if dtype == 'bfloat16' else 'fp32'} {tower}"
-                            for name, call in zip(names, rec.calls[n0:]):
+                            for name, call in zip(PROJECTOR_LAUNCHES, calls):
                                 out.append(("projector_mlp", f"{name} {tag}", dtype, call))
     return out
 

@@ -139,8 +139,8 @@ def main(out: str) -> None:
                 # reduction-order noise (<= 1e-5 of the tensor's max |g|), a sign-like step can go either way.
                 # Elements with |g| >= 1e-3 of the max have a gradient error of <= 1% and so a step error of <= 1%.
                 "max_param_diff_conditioned": {
-                    k: (state[k] - ref_state[k])[ref_grads[k].abs() >= 1e-3 * ref_grads[k].abs().max()].abs().max().item()
-                    for k in ref_state if k in ref_grads and ref_grads[k].abs().max() > 0},
+                    k: (state[k] - ref_state[k])[g.abs() >= 1e-3 * g.abs().max()].abs().max().item()
+                    for k, g in ref_grads.items() if k in ref_state and g.abs().max() > 0},
                 "max_update": {k: (ref_state[k] - before[k]).abs().max().item() for k in ref_state},
                 **structure,
             }

@@ -15,12 +15,12 @@ import torch
 
 from barnfast.data.packing import plan_epoch
 from bench.bench_planner import llava665k_like_samples
-from bench.compile_report import record_launches
+from bench.compile_report import PROJECTOR_LAUNCHES, projector_step_calls, record_launches
 
 pm = importlib.import_module("barnfast.kernels.projector_mlp")
 
 CLIP_L_TOKENS = 576
-LAUNCHES = ["fc1", "fc2", "dh", "dw2", "dx", "dw1"]  # launch order of _projector_mlp_fwd, _projector_mlp_bwd
+LAUNCHES = PROJECTOR_LAUNCHES  # launch order of _projector_mlp_fwd, _projector_mlp_bwd
 
 
 def _images_per_micro_batch(n: int, token_budget: int, world_size: int) -> np.ndarray:
@@ -42,16 +42,7 @@ def _keys_of_epoch(image_counts, width=1024, hidden=4096, dtype=torch.bfloat16):
     kernel = pm._projector_mlp_matmul_kernel
     with record_launches(kernel) as rec:
         for images in sorted(set(image_counts.tolist()) - {0}):  # a text-only micro-batch has no projector
-            M = int(images) * CLIP_L_TOKENS
-            x = torch.empty(M, width, device="meta", dtype=dtype)
-            w1 = torch.empty(hidden, width, device="meta", dtype=dtype)
-            w2 = torch.empty(hidden, hidden, device="meta", dtype=dtype)
-            b = torch.empty(hidden, device="meta", dtype=dtype)
-            n0 = len(rec.calls)
-            _, h = pm._projector_mlp_fwd(x, w1, b, w2, b, False, True)
-            dy = torch.empty(M, hidden, device="meta", dtype=dtype)
-            pm._projector_mlp_bwd(dy, x, w1, h, w2, False, [True] * 5, dtype, dtype)
-            calls = rec.calls[n0:]
+            calls = projector_step_calls(rec, int(images) * CLIP_L_TOKENS, width, hidden, dtype, False)
             assert len(calls) == len(LAUNCHES)
             for name, (args, kw) in zip(LAUNCHES, calls):
                 keys[name].add(_autotune_key(kernel, args, kw))

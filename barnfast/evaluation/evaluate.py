@@ -192,14 +192,17 @@ def evaluate(vlm: ExportedVLM, items: list[EvalItem], max_new_tokens: int = 16, 
     is a list, listed there as ``{"id", "reason"}`` (else the SampleError is raised)."""
     if max_new_tokens < 1 and any(it.task == "open" for it in items):
         raise ValueError(f"max_new_tokens must be >= 1 for open answers, got {max_new_tokens}")
+    def skip(it: EvalItem, exc: SampleError) -> None:
+        if skipped is None:
+            raise SampleError(f"item {it.id}: {exc}") from None
+        skipped.append({"id": it.id, "reason": str(exc)})
+
     usable = []
     for it in items:  # before any model work, and so that no item borrows a missing image as "other"
         try:
             _check_item(it)
         except SampleError as exc:
-            if skipped is None:
-                raise SampleError(f"item {it.id}: {exc}") from None
-            skipped.append({"id": it.id, "reason": str(exc)})
+            skip(it, exc)
             continue
         usable.append(it)
     items = usable
@@ -209,9 +212,7 @@ def evaluate(vlm: ExportedVLM, items: list[EvalItem], max_new_tokens: int = 16, 
         try:
             rec = score_item(vlm, it, max_new_tokens, option_scoring, plan)
         except SampleError as exc:
-            if skipped is None:
-                raise SampleError(f"item {it.id}: {exc}") from None
-            skipped.append({"id": it.id, "reason": str(exc)})
+            skip(it, exc)
             continue
         records.append(rec)
         if sink is not None:
