@@ -1,8 +1,10 @@
 """barnfast.sweep end to end on two -tiny backbones, interrupted after the first and started again."""
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,13 +21,21 @@ ARGS = ["--max-steps", "2", "--stage1-samples", "32", "--stage2-samples", "24", 
         "--stability-items", "4", "--max-new-tokens", "4", "--no-progress"]
 
 
+def _scratch(prefix: str) -> Path:
+    """A temporary folder shared by the modules that use it (so not pytest's per-test tmp_path), removed
+    when the test process exits: each sweep here writes ~650 MB."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
 @functools.cache
 def finished_sweep() -> tuple[Path, dict]:
     """A sweep killed once the first backbone is exported, then started again to the end.
 
     Returns (sweep dir, facts about the interruption), shared by this module and test_analyze/test_eval.
     """
-    out = Path(tempfile.mkdtemp(prefix="barnfast-sweep-")) / "sweep"
+    out = _scratch("barnfast-sweep-") / "sweep"
     argv = ["--backbones", ",".join(BACKBONES), "--output-dir", str(out), *ARGS]
     first = out / BACKBONES[0]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -146,7 +156,7 @@ def _user_files(root: Path) -> dict:
 @functools.cache
 def user_data_sweep() -> tuple[Path, list[str]]:
     """2 backbones × 2 seeds on user-given data (with a long sample) and user-given POPE / MMBench files."""
-    root = Path(tempfile.mkdtemp(prefix="barnfast-usersweep-"))
+    root = _scratch("barnfast-usersweep-")
     f = _user_files(root)
     out = root / "sweep"
     argv = ["--backbones", ",".join(BACKBONES), "--seeds", "0,1", "--output-dir", str(out),
