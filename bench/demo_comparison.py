@@ -71,15 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default="llama1-tiny")
     ap.add_argument("--samples", type=int, default=16384, help="stage-2 samples per file (one epoch of 8 per step)")
     ap.add_argument("--out", help="work folder (default: a temporary one)")
+    ap.add_argument("--kinds", default="text,image", help="which of the two runs (comma-separated)")
+    ap.add_argument("--results-dir", help="where the table goes (default: bench/results)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for both runs")
     args = ap.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="barnfast-demo-comparison-"))
     curves = {}
-    for kind in ("text", "image"):
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - {"text", "image"}:
+        ap.error(f"--kinds: give text, image or both, got {args.kinds!r}")
+    for kind in kinds:
         data = write_stage2(out / "data", kind, args.samples)
         run = out / f"run-{kind}"
         cmd = [sys.executable, "-m", "barnfast.train", "--backbone", args.backbone, "--output-dir", str(run),
                "--data-stage2", str(data), "--image-root", str(data.parent), "--set", "stage2.epochs=1",
                "--set", "data.synthetic_eval=1", "--no-progress"]
+        cmd += [x for kv in args.set for x in ("--set", kv)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         curves[kind] = windows(run / "metrics.jsonl")
@@ -88,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                   ["steps", "text (sentence)", "image"])
     for w in range(n):
         table.add(f"{w * WINDOW}-{(w + 1) * WINDOW - 1}",
-                  *(curves[k][w] if w < len(curves[k]) else None for k in ("text", "image")))
+                  *(curves[k][w] if k in curves and w < len(curves[k]) else None for k in ("text", "image")))
+    table.notes += [f"override: {kv}" for kv in args.set]
     table.notes.append(f"{args.samples} samples per file, one epoch, 8 samples per step (the tiny recipe's stage 2)")
     table.notes.append(f"work folder: {out}")
-    write_results([table], "cpu", "demo_comparison")
+    write_results([table], "cpu", "demo_comparison", Path(args.results_dir) if args.results_dir else None)
     return 0
 
 
