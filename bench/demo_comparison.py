@@ -19,7 +19,7 @@ before each step is a held-out loss. The first table gives the mean loss per tar
 the stop token; chance is ln 2 / 2 = 0.347 for yes/no, ln 4 / 2 for multiple choice, ln 7 / 2 for open) over windows of
 256 steps. The second scores every run on 200 held-out items given as the image alone (no sentence), with
 ``barnfast eval``'s ablation controls (a blank image, another item's image). Both are written under
-bench/results/. Not a test: ~8 minutes on 2 CPU cores.
+bench/results/. Not a test: ~10 minutes on 2 CPU cores (three runs).
 """
 
 from __future__ import annotations
