@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", help="where the tables go (default: bench/results)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
     args = ap.parse_args(argv)
+    if args.samples < 8:
+        ap.error(f"--samples: one step takes 8 samples, got {args.samples}")
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds or set(kinds) - set(KINDS):
         ap.error(f"--kinds: give some of {', '.join(KINDS)}, got {args.kinds!r}")
