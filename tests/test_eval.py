@@ -204,6 +204,33 @@ def test_tiny_tokenizers_keep_letters_yes_no_and_the_synthetic_words_whole():
             32000 if name != "llama3-tiny" else 128256)
 
 
+@pytest.mark.parametrize("name", ["llama1-tiny", "llama2-tiny", "llama3-tiny"])
+def test_option_lines_tokenize_as_the_real_llama_tokenizers_do(name):
+    """Every option line of a multiple-choice prompt is newline, letter, ".", word, whichever word ends
+    the line before it: the letter is one and the same token in each of the four places. The SentencePiece
+    twins write a newline as the byte token <0x0A>, as LLaMA-1/2 do (no piece of theirs holds a newline);
+    before, BPE merged newlines into neighbours ("\\nA", "e\\n"), so "C" after "▁b lu e\\n" and "\\nA" were
+    different tokens for the same letter."""
+    from barnfast.data import synthetic
+    from barnfast.models.backbones import from_name
+
+    tok = from_name(name).load_tokenizer()
+    newline = "Ċ" if name == "llama3-tiny" else "<0x0A>"
+    space = "Ġ" if name == "llama3-tiny" else "▁"
+    for category in synthetic.CATEGORIES:
+        domain = synthetic._domain(category)
+        options = dict(zip("ABCD", domain[:4]))
+        prompt = synthetic._mc_prompt(synthetic._mc_question(category), options)
+        pieces = tok.convert_ids_to_tokens(tok.encode(prompt, add_special_tokens=False))
+        for letter, word in options.items():
+            start = pieces.index(letter)
+            assert pieces[start - 1] in (newline, f"?{newline}"), (category, pieces)  # "?\n" is one llama3 piece
+            assert pieces[start + 1] == "."
+            assert "".join(pieces[start + 2:start + 4]).startswith(space)  # " 1" is Ġ + 1 in llama3
+        if name != "llama3-tiny":
+            assert pieces.count("<0x0A>") == 5 and not any("\n" in p for p in pieces)
+
+
 def test_eval_prompt_is_the_training_prompt_of_the_same_question():
     """The ids a stage-2 training sample has before its first labelled token (built with the trainer's own
     tokenizer, the backbone's, with <image> added) equal the export's evaluation prompt of that question."""

@@ -1,7 +1,8 @@
 """LLaVA-1.5, token for token (issue 16): the llava15 recipe against haotian-liu/LLaVA and LLaVA-MORE.
 
 Expected token streams are written out by hand below, as the tiny tokenizers' pieces (``▁`` a
-SentencePiece space, ``Ġ``/``Ċ`` byte-level space/newline, ``\\n`` a newline inside a piece, ``+`` a
+SentencePiece space, ``<0x0A>`` a SentencePiece newline (LLaMA's byte fallback: no piece holds one),
+``Ġ``/``Ċ`` byte-level space/newline, ``+`` a
 labelled token): what LLaVA's preprocessing gives (``preprocess_multimodal`` moves ``<image>`` to the
 start of its turn; ``tokenizer_image_token`` tokenizes each chunk around ``<image>`` on its own, so a
 SentencePiece chunk ends with a lone ``▁`` before the image and the next one starts with ``▁``; one
@@ -76,8 +77,8 @@ CASES = {
 }
 # Pieces every stream of a template shares (system="" in CASES, to keep them short; DEFAULT_SYSTEM
 # below covers each template's own system text).
-V_IMG = "▁USER: ▁ <image> <image> ▁ \\nWhat"  # vicuna: lone ▁ before the image, ▁ opening the next chunk
-L2_IMG = "▁[INST] ▁ <image> <image> ▁ \\nWhat"
+V_IMG = "▁USER: ▁ <image> <image> ▁ <0x0A> What"  # vicuna: lone ▁ before the image, ▁ opening the next chunk
+L2_IMG = "▁[INST] ▁ <image> <image> ▁ <0x0A> What"
 L3U = "<|start_header_id|> user <|end_header_id|> Ċ Ċ"
 L3A = "<|start_header_id|> assistant <|end_header_id|> Ċ Ċ"
 DATES = ("<|start_header_id|> system <|end_header_id|> Ċ Ċ C u t t ing ĠK n ow led ge ĠD at e : ĠD e ce m b er Ġ "
@@ -87,24 +88,24 @@ L3 = "<|begin_of_text|>"
 EXPECTED = {
     ("vicuna_v1", "single"): f"<s> {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s>",
     ("vicuna_v1", "multi"): f"<s> {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s> "
-                            "U SER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
+                            "USER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
     ("vicuna_v1", "text_only"): "<s> ▁USER: ▁What ▁is ▁a ▁circle? ▁ASSISTANT: +▁A +▁shape +</s>",
     # LLaVA's replace leaves two spaces where the image was: "What  colour"
     ("vicuna_v1", "image_middle"): f"<s> {V_IMG} ▁ ▁colour ▁is ▁it? ▁ASSISTANT: +▁Red +</s>",
     ("vicuna_v1", "image_end"): f"<s> {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s>",
     ("vicuna_v1", "image_second_turn"): "<s> ▁USER: ▁H i ▁ASSISTANT: +▁Yes +</s> "
-                                        "U SER: ▁ <image> <image> ▁ \\nWhat ▁colour ? ▁ASSISTANT: +▁Blue +</s>",
-    ("vicuna_v1", "unicode_spaces"): "<s> ▁USER: ▁ <image> <image> ▁ \\nI s ▁it ▁ ▁c a f <0xC3> <0xA9> ▁ ▁ ▁red ? "
+                                        "USER: ▁ <image> <image> ▁ <0x0A> What ▁colour ? ▁ASSISTANT: +▁Blue +</s>",
+    ("vicuna_v1", "unicode_spaces"): "<s> ▁USER: ▁ <image> <image> ▁ <0x0A> Is ▁it ▁ ▁c a f <0xC3> <0xA9> ▁ ▁ ▁red ? "
                                      "▁ASSISTANT: +▁Yes +▁ +▁it +▁is +▁ +<0xC3> +<0xA9> +</s>",
     ("llama_2", "single"): f"<s> {L2_IMG} ▁colour ▁is ▁the ▁shape? ▁[/INST] +▁Red +▁ +</s>",
     ("llama_2", "multi"): f"<s> {L2_IMG} ▁colour ▁is ▁the ▁shape? ▁[/INST] +▁Red +▁ +</s> "
-                          "<s> [ INST] ▁How ▁many ▁shapes ▁are ▁there? ▁[/INST] +▁Two +▁ +</s>",
+                          "<s> [INST] ▁How ▁many ▁shapes ▁are ▁there? ▁[/INST] +▁Two +▁ +</s>",
     ("llama_2", "text_only"): "<s> ▁[INST] ▁What ▁is ▁a ▁circle? ▁[/INST] +▁A +▁shape +▁ +</s>",
     ("llama_2", "image_middle"): f"<s> {L2_IMG} ▁ ▁colour ▁is ▁it? ▁[/INST] +▁Red +▁ +</s>",
     ("llama_2", "image_end"): f"<s> {L2_IMG} ▁colour ▁is ▁the ▁shape? ▁[/INST] +▁Red +▁ +</s>",
     ("llama_2", "image_second_turn"): "<s> ▁[INST] ▁H i ▁[/INST] +▁Yes +▁ +</s> "
-                                      "<s> [ INST] ▁ <image> <image> ▁ \\nWhat ▁colour ? ▁[/INST] +▁Blue +▁ +</s>",
-    ("llama_2", "unicode_spaces"): "<s> ▁[INST] ▁ <image> <image> ▁ \\nI s ▁it ▁ ▁c a f <0xC3> <0xA9> ▁ ▁ ▁red ? "
+                                      "<s> [INST] ▁ <image> <image> ▁ <0x0A> What ▁colour ? ▁[/INST] +▁Blue +▁ +</s>",
+    ("llama_2", "unicode_spaces"): "<s> ▁[INST] ▁ <image> <image> ▁ <0x0A> Is ▁it ▁ ▁c a f <0xC3> <0xA9> ▁ ▁ ▁red ? "
                                    "▁[/INST] +▁Yes +▁ +▁it +▁is +▁ +<0xC3> +<0xA9> +▁ +</s>",
     ("llama_3", "single"): f"{L3} {L3U} <image> <image> Ċ What Ġcolour Ġis Ġthe Ġshape ? <|eot_id|> "
                            f"{L3A} +Red +<|eot_id|>",
@@ -150,16 +151,16 @@ VICUNA_SYS = ("▁A ▁chat ▁between ▁a ▁curious ▁user ▁and ▁an ▁a
 LLAVA_SYS_BL = ("You Ġare Ġa Ġhelpful Ġlanguage Ġand Ġvision Ġassistant . ĠYou Ġare Ġable Ġto Ġunderstand Ġthe "
                 "Ġvisual Ġcontent Ġthat Ġthe Ġuser Ġprovides , Ġand Ġassist Ġthe Ġuser Ġwith Ġa Ġvariety Ġof Ġtasks "
                 "Ġusing Ġnatural Ġlanguage .")  # LLaVA's llama_2/llama_3 system text, byte-level pieces
-LLAVA_SYS_SP_HEAD = ("▁<<SYS>> \\nY ou ▁are ▁a ▁helpful ▁language ▁and ▁vision ▁assistant. ▁You ▁are ▁able ▁to "
+LLAVA_SYS_SP_HEAD = ("▁<<SYS>> <0x0A> You ▁are ▁a ▁helpful ▁language ▁and ▁vision ▁assistant. ▁You ▁are ▁able ▁to "
                      "▁understand ▁the ▁visual ▁content ▁that ▁the ▁user ▁provides, ▁and ▁assist ▁the ▁user ▁with "
-                     "▁a ▁variety ▁of ▁tasks ▁using ▁natural ▁language. \\n<< /SYS>> \\n")
-LLAVA_SYS_SP = LLAVA_SYS_SP_HEAD + " \\n"  # the block's last newline on its own, when an image follows
+                     "▁a ▁variety ▁of ▁tasks ▁using ▁natural ▁language. <0x0A> <</SYS>> <0x0A>")
+LLAVA_SYS_SP = LLAVA_SYS_SP_HEAD + " <0x0A>"  # the block's last newline on its own, when an image follows
 DEFAULT_SYSTEM = {  # CASES["multi"] with the image after the question, and the template's own system text
     "vicuna_v1": f"<s> {VICUNA_SYS} {V_IMG} ▁colour ▁is ▁the ▁shape? ▁ASSISTANT: +▁Red +</s> "
-                 "U SER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
+                 "USER: ▁How ▁many ▁shapes ▁are ▁there? ▁ASSISTANT: +▁Two +</s>",
     # the system block ends in "\n\n": that chunk has no trailing space, so no lone ▁ before the image
-    "llama_2": f"<s> ▁[INST] {LLAVA_SYS_SP} <image> <image> ▁ \\nWhat ▁colour ▁is ▁the ▁shape? ▁[/INST] +▁Red +▁ "
-               "+</s> <s> [ INST] ▁How ▁many ▁shapes ▁are ▁there? ▁[/INST] +▁Two +▁ +</s>",
+    "llama_2": f"<s> ▁[INST] {LLAVA_SYS_SP} <image> <image> ▁ <0x0A> What ▁colour ▁is ▁the ▁shape? ▁[/INST] +▁Red +▁ "
+               "+</s> <s> [INST] ▁How ▁many ▁shapes ▁are ▁there? ▁[/INST] +▁Two +▁ +</s>",
     "llama_3": f"{L3} <|start_header_id|> system <|end_header_id|> Ċ Ċ {LLAVA_SYS_BL} <|eot_id|> "
                f"{L3U} <image> <image> Ċ What Ġcolour Ġis Ġthe Ġshape ? <|eot_id|> {L3A} +Red +<|eot_id|> "
                f"{L3U} How Ġmany Ġshapes Ġare Ġthere ? <|eot_id|> {L3A} +Two +<|eot_id|>",
@@ -192,7 +193,7 @@ def test_image_kept_in_place_when_switched_off(template, expected):
 
 @pytest.mark.parametrize("backbone,expected", [
     # conv_llava_plain: "<image>" + caption + "\n"; the caption chunk starts with ▁ (item 8: "▁A", not "A")
-    ("vicuna-tiny", "<s> <image> <image> +▁A +▁red +▁circle +. +\\n"),
+    ("vicuna-tiny", "<s> <image> <image> +▁A +▁red +▁circle +. +<0x0A>"),
     ("llama3-tiny", "<|begin_of_text|> <image> <image> +A +Ġred +Ġcircle +.Ċ"),
 ])
 def test_stage1_plain_stream(backbone, expected):
@@ -248,8 +249,8 @@ def test_special_token_text_in_data_is_plain_text(template):
 # -- 2,048 tokens ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("template,prefix", [
     ("vicuna_v1", f"<s> {VICUNA_SYS} ▁USER: ▁What ▁colour ? ▁ASSISTANT:"),
-    # no image: the system block's last newline merges with the question ("\nWhat")
-    ("llama_2", f"<s> ▁[INST] {LLAVA_SYS_SP_HEAD} \\nWhat ▁colour ? ▁[/INST]"),
+    # no image: the system block's two newlines, then the question (newlines are <0x0A>, never merged)
+    ("llama_2", f"<s> ▁[INST] {LLAVA_SYS_SP_HEAD} <0x0A> What ▁colour ? ▁[/INST]"),
     ("llama_3", f"{L3} <|start_header_id|> system <|end_header_id|> Ċ Ċ {LLAVA_SYS_BL} <|eot_id|> "
                 f"{L3U} What Ġcolour ? <|eot_id|> {L3A}"),
     ("llama_3_1", f"{L3} {DATES} {LLAVA_SYS_BL} <|eot_id|> {L3U} What Ġcolour ? <|eot_id|> {L3A}"),

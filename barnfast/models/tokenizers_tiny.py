@@ -123,7 +123,14 @@ def _llama3_specials(v31: bool) -> list[str]:
 def _sentencepiece_json(vocab_size: int) -> str:
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    meta = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # SentencePiece never puts a newline inside a piece: LLaMA's vocabulary has no "\n" entry, so every
+    # newline is the byte token <0x0A> and the word after it starts without "▁" ("\nA. red" is <0x0A> A . ▁red).
+    # Without the split, BPE merged newlines into neighbours ("\nA", "e\n"): an option letter was "\nA",
+    # or "C" after "▁b lu e\n", three different tokens for one letter, none of them the answer's "▁C".
+    meta = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+    ])
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
     trainer_tok.pre_tokenizer = meta
     trainer_tok.train_from_iterator(
@@ -133,7 +140,8 @@ def _sentencepiece_json(vocab_size: int) -> str:
     trained = json.loads(trainer_tok.to_str())["model"]
     vocab: dict[str, int] = {}
     for t in specials + byte_tokens + sorted(trained["vocab"], key=trained["vocab"].get):
-        vocab.setdefault(t, len(vocab))
+        if "\n" not in t:  # the trainer's alphabet holds "\n"; LLaMA's byte fallback encodes it as <0x0A>
+            vocab.setdefault(t, len(vocab))
     for i in range(vocab_size - len(vocab)):
         vocab[f"<filler_{i}>"] = len(vocab)
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
