@@ -4,7 +4,8 @@ Each one copies the *layout* of its family's real tokenizer, so chat templates, 
 tokens behave as they do on the real checkpoint:
 
 - ``sentencepiece`` (LLaMA-1/2, Vicuna, Mistral): Metaspace ``▁`` + BPE with byte fallback;
-  ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<0x00>``..``<0xFF>``=3..258; 32000 entries.
+  ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<0x00>``..``<0xFF>``=3..258; 32000 entries. No piece holds a
+  newline: it is always the byte token ``<0x0A>`` (13), and the word after it has no ``▁``.
 - ``llama3`` / ``llama3.1``: byte-level BPE with Meta's pre-tokenizer regex; 128000 ordinary entries,
   then the 256 special tokens at 128000..128255 (``<|begin_of_text|>``=128000,
   ``<|end_of_text|>``=128001, ``<|start_header_id|>``=128006, ``<|end_header_id|>``=128007,
