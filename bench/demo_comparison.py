@@ -90,7 +90,7 @@ def write_stage2(out: Path, kind: str, n: int, seed: int = 0, size: int = 64, qu
 def write_held_out(out: Path, n: int = HELD_OUT, seed: int = 1, size: int = 64, question: str = "yesno") -> Path:
     """``out/held_out.jsonl``: n items in the built-in eval format, the image alone (other scenes: seed 1)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
+    records = []
     for i in range(n):
         it = _item(i, seed, question, size, out / "images")
         rec = {"question_id": f"held_{i:05d}", "image": it["image"], "question": it["question"],
@@ -100,9 +100,9 @@ def write_held_out(out: Path, n: int = HELD_OUT, seed: int = 1, size: int = 64, 
             rec["answers"] = [it["answer"]] * 10
         if question == "mc":
             rec["options"] = it["options"]
-        lines.append(json.dumps(rec))
+        records.append(rec)
     path = out / "held_out.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(S._jsonl(records))
     return path
 
 
