@@ -180,6 +180,9 @@ class TrainConfig:
     max_length: int | None = None
     """Moved to ``data.max_length`` (one limit for every backbone); setting it here is an error."""
     log_every: int = 1
+    system_prompt: str | None = None
+    """System text of the chat template in training, evaluation and the export: None (unset) = the
+    template's own (LLaVA's); ``""`` = no system text."""
     kernel_backend: str = "auto"
     """Backend of barnfast.kernels ops: ``auto`` | ``triton`` | ``torch``."""
     parallel: str = "ddp"

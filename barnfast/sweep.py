@@ -278,7 +278,7 @@ def exclusions(cfg: dict, out: Path) -> list[dict]:
                 try:
                     validate_sample(s)
                     ids, labels = encode_conversation(tok, template, s.conversations, image_token_id=0,
-                                                      num_image_tokens=n_img)
+                                                      num_image_tokens=n_img, system=recipe.train.system_prompt)
                 except SampleError:
                     continue  # invalid for every backbone alike: StageDataset skips and records it
                 reason = None

@@ -250,3 +250,34 @@ def test_bad_template_or_tokenizer():
         encode_conversation(tok, "alpaca", CONV, image_token_id=_image_id(tok), num_image_tokens=1)
     with pytest.raises(ValueError, match="<\\|start_header_id\\|>"):  # llama_3 on a LLaMA-2 vocabulary
         encode_conversation(tok, "llama_3", CONV, image_token_id=_image_id(tok), num_image_tokens=1)
+
+
+@pytest.mark.parametrize("system", [None, "", "Be brief."])
+@pytest.mark.parametrize("template", list(CASES))
+def test_exported_jinja_template_follows_the_trained_system_text(template, system):
+    """The export's transformers chat template, built for a run's ``train.system_prompt`` (None: the
+    template's own, ``""``: none), gives the ids barnfast trained on when the messages bring no system
+    message; a system message in them replaces it, as ``encode_prompt(system=...)`` does."""
+    from barnfast.models.export import hf_chat_template
+
+    tok = _tok(CASES[template][0])
+    img = _image_id(tok)
+    tok.chat_template = hf_chat_template(template, system)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+                {"role": "assistant", "content": "Red"},
+                {"role": "user", "content": "How many shapes are there?"}]
+    conv = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red"},
+            {"from": "human", "value": "How many shapes are there?"}]
+
+    def jinja_ids(msgs):
+        got = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        return list(got["input_ids"] if hasattr(got, "keys") else got)
+
+    assert jinja_ids(messages) == encode_prompt(tok, template, conv, image_token_id=img, num_image_tokens=1,
+                                                system=system)
+    override = [{"role": "system", "content": "Answer in one word."}, *messages]
+    assert jinja_ids(override) == encode_prompt(tok, template, conv, image_token_id=img, num_image_tokens=1,
+                                                system="Answer in one word.")
+    if system is not None and template != "llama_3_1":  # 3.1's system block is always there
+        default = encode_prompt(tok, template, conv, image_token_id=img, num_image_tokens=1)
+        assert (jinja_ids(messages) == default) == (system == TEMPLATES[template].default_system)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from barnfast.config import load_recipe
 from barnfast.evaluation import EvalItem, ExportedVLM, load_items
 from barnfast.evaluation import evaluate as eval_lib
 from barnfast.evaluation import generate as generate_lib
@@ -244,6 +245,9 @@ def test_eval_prompt_is_the_training_prompt_of_the_same_question():
     tok = backbone.load_tokenizer()
     image_token_id = add_image_token(tok)
     assert image_token_id == vlm.image_token_id
+    # the tiny recipe trains with no system text; the export says so and its prompts follow
+    system = load_recipe("llava15-tiny").train.system_prompt
+    assert system == "" and vlm.system == system
     stage2 = json.loads((_data() / "stage2.json").read_text())
     checked = 0
     for rec in stage2:
@@ -251,7 +255,8 @@ def test_eval_prompt_is_the_training_prompt_of_the_same_question():
         if "image" not in rec or not first.startswith("<image>\n"):
             continue
         ids, labels = encode_conversation(tok, backbone.chat_template, rec["conversations"][:2],
-                                          image_token_id=image_token_id, num_image_tokens=vlm.num_image_tokens)
+                                          image_token_id=image_token_id, num_image_tokens=vlm.num_image_tokens,
+                                          system=system)
         start = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
         # the eval items' prompt field is the bare question + instruction, the image placeholder goes first
         assert vlm.prompt_ids(first[len("<image>\n"):], 1) == ids[:start], rec["id"]
@@ -277,8 +282,15 @@ def test_export_carries_the_chat_template_and_transformers_gives_the_same_ids():
         got = list(got["input_ids"] if hasattr(got, "keys") else got)
         conv = [{"from": "human", "value": "<image>\n" + item.prompt}, {"from": "gpt", "value": "red"},
                 {"from": "human", "value": "How many shapes are there?"}]
-        want = encode_prompt(vlm.tokenizer, vlm.template, conv, image_token_id=vlm.image_token_id, num_image_tokens=1)
+        want = encode_prompt(vlm.tokenizer, vlm.template, conv, image_token_id=vlm.image_token_id, num_image_tokens=1,
+                             system=vlm.system)
         assert got == want, backbone
+        # a system message in the messages replaces the trained one, as encode_prompt's system= does
+        with_system = [{"role": "system", "content": "Be brief."}, *messages]
+        got = vlm.tokenizer.apply_chat_template(with_system, add_generation_prompt=True, tokenize=True)
+        got = list(got["input_ids"] if hasattr(got, "keys") else got)
+        assert got == encode_prompt(vlm.tokenizer, vlm.template, conv, image_token_id=vlm.image_token_id,
+                                    num_image_tokens=1, system="Be brief."), backbone
         # the processor expands <image> to the tower's slots: the full evaluation prompt, ids for ids
         proc = AutoProcessor.from_pretrained(out / backbone / "export")
         assert proc.chat_template == vlm.tokenizer.chat_template

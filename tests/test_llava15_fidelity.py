@@ -410,6 +410,31 @@ def test_image_preprocessing_per_stage_on_non_square_photos(tmp_path):
     assert s1.cache.dir != s2.cache.dir
 
 
+@pytest.mark.parametrize("recipe_name, overrides, system", [
+    ("llava15", {}, "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions."),
+    ("llava15-tiny", {}, ""),
+    ("llava15-tiny", {"train.system_prompt": "Be brief."}, "Be brief."),
+])
+def test_trainer_encodes_the_recipes_system_text(tmp_path, recipe_name, overrides, system):
+    """Stage 2 samples carry the recipe's system text: LLaVA's vicuna_v1 text for llava15, none for the
+    tiny recipe (train.system_prompt = ""), and an override's own."""
+    from barnfast.training import distributed
+    from barnfast.training.trainer import Trainer
+
+    (tmp_path / "data.json").write_text(json.dumps([{"id": "t0", "conversations": [H("What is it?"), G("A cat.")]}]))
+    recipe = load_recipe(recipe_name, {"model.backbone": "llama1-tiny", "data.stage2_data": str(tmp_path / "data.json"),
+                                       "data.stage1_data": str(tmp_path / "data.json"), "data.num_workers": 0,
+                                       "output_dir": str(tmp_path / "run"), **overrides})
+    trainer = Trainer(recipe, distributed.init_distributed(), show_progress=False)
+    try:
+        data = trainer.build_dataset(recipe.stages[1])
+    finally:
+        trainer.close()
+    text = trainer.tokenizer.decode(data.items[0].input_ids.tolist(), skip_special_tokens=True)
+    assert text.startswith(f"{system} USER: What is it? ASSISTANT:" if system else "USER: What is it? ASSISTANT:"), text
+
+
 # -- the LR schedule against transformers --------------------------------------------------------
 @pytest.mark.parametrize("total", [5198, 2181, 10, 1])  # LLaVA-1.5 stage 2 (665,298 / 128), stage 1 (558,128 / 256)
 def test_lr_matches_transformers_cosine_with_warmup(total, tmp_path):

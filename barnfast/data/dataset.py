@@ -86,7 +86,7 @@ class StageDataset:
                  image_spec: ImageSpec, num_image_tokens: int, image_root: str | Path, max_length: int,
                  max_skip_fraction: float = 0.01, skipped_path: str | Path | None = None, show_progress: bool = True,
                  pad_id: int = 0, overlong: str = "skip", image_at_turn_start: bool = False,
-                 allow_outside_image_root: bool = False):
+                 allow_outside_image_root: bool = False, system: str | None = None):
         self.image_spec = image_spec  # the tower's preprocessing (size, mean/std, pad or resize)
         self.num_image_tokens = int(num_image_tokens)  # <image> expands to the projector's output count
         self.image_token_id = int(image_token_id)  # collate counts the placeholders on the host
@@ -107,7 +107,7 @@ class StageDataset:
                 ids, labels = encode_conversation(tokenizer, template, s.conversations,
                                                   image_token_id=image_token_id,
                                                   num_image_tokens=self.num_image_tokens,
-                                                  image_at_turn_start=image_at_turn_start)
+                                                  image_at_turn_start=image_at_turn_start, system=system)
                 if len(ids) > max_length and overlong != "truncate":
                     raise SampleError(f"{len(ids)} tokens, longer than the context limit of {max_length} "
                                       "(data.max_length, data.overlong=skip)")

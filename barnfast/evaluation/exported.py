@@ -41,6 +41,7 @@ class ExportedVLM:
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.vision = vision_registry.from_name(self.meta["vision"])
         self.template = self.meta["chat_template"]
+        self.system = self.meta.get("system_prompt")  # None (or an older export): the template's own
         self.image_token_id = int(self.meta["image_token_id"])
         self.num_image_tokens = int(self.meta["num_image_tokens"])
         self.image_aspect = self.meta.get("image_aspect", "pad")
@@ -67,14 +68,15 @@ class ExportedVLM:
     def prompt_ids(self, prompt: str, num_images: int = 1) -> list[int]:
         """Ids of the prompt with the assistant prefix; each image is ``num_image_tokens`` slots."""
         return encode_prompt(self.tokenizer, self.template, self._conversation(prompt, num_images),
-                             image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens)
+                             image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
+                             system=self.system)
 
     def answer_ids(self, prompt: str, answer: str, num_images: int = 1, include_stop: bool = True) -> list[int]:
         """The tokens training labels for ``answer`` after ``prompt`` (with the end-of-turn token
         unless ``include_stop=False``)."""
         conv = self._conversation(prompt, num_images) + [{"from": "gpt", "value": answer}]
         ids, _ = encode_conversation(self.tokenizer, self.template, conv, image_token_id=self.image_token_id,
-                                     num_image_tokens=self.num_image_tokens)
+                                     num_image_tokens=self.num_image_tokens, system=self.system)
         prefix = self.prompt_ids(prompt, num_images)
         if ids[:len(prefix)] != prefix:
             raise RuntimeError(f"template {self.template!r}: the prompt ids are not a prefix of the conversation")

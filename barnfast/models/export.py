@@ -62,7 +62,7 @@ def export_hf(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.dtype |
         state |= {k: (v.to(dtype) if dtype is not None else v).detach().cpu()
                   for k, v in model.projector.llava_state_dict(prefix).items()}
     hf.save_pretrained(dest, state_dict=state, safe_serialization=True)
-    jinja = hf_chat_template((meta or {}).get("chat_template", "plain"))
+    jinja = hf_chat_template((meta or {}).get("chat_template", "plain"), (meta or {}).get("system_prompt"))
     if jinja is not None:  # so that tokenizer.apply_chat_template gives the ids barnfast trained on
         tokenizer.chat_template = jinja
     tokenizer.save_pretrained(dest)
@@ -146,16 +146,17 @@ _JINJA_BODY = {
 }
 
 
-def hf_chat_template(template: str) -> str | None:
-    """The Jinja chat template (transformers' ``chat_template``) of barnfast's template ``template``, with its
-    default system prompt; None for ``plain`` (stage 1's caption format is not a chat)."""
+def hf_chat_template(template: str, system: str | None = None) -> str | None:
+    """The Jinja chat template (transformers' ``chat_template``) of barnfast's template ``template``, whose
+    system text when the messages bring none is ``system`` (None: the template's own; ``""``: none, as a run
+    with ``train.system_prompt = ""`` trained); None for ``plain`` (stage 1's caption format is not a chat)."""
     from barnfast.data.chat import TEMPLATES
 
     if template == "plain":
         return None
     if template not in _JINJA_BODY:
         raise ValueError(f"no transformers chat template for {template!r}; known: {', '.join(_JINJA_BODY)}")
-    default = TEMPLATES[template].default_system
+    default = TEMPLATES[template].default_system if system is None else system
     from barnfast.data.chat import LLAMA_3_1_SYSTEM_HEADER
 
     image_text = "<image> \n" if template in _METASPACE_TEMPLATES else "<image>\n"
@@ -197,7 +198,7 @@ def export_barnfast(model: LlavaVLM, tokenizer, dest: str | Path, dtype: torch.d
     lm.model, lm.lm_head = model.language_model, model.lm_head  # the trained modules, not copies
     lm.save_pretrained(dest / "llm", state_dict={k: cast(v).contiguous() for k, v in lm.state_dict().items()},
                        safe_serialization=True)
-    jinja = hf_chat_template((meta or {}).get("chat_template", "plain"))
+    jinja = hf_chat_template((meta or {}).get("chat_template", "plain"), (meta or {}).get("system_prompt"))
     if jinja is not None:
         tokenizer.chat_template = jinja
     tokenizer.save_pretrained(dest / "llm")

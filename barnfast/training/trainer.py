@@ -287,6 +287,7 @@ class Trainer:
             show_progress=self.show_progress, pad_id=self.tokenizer.pad_token_id or 0,
             num_image_tokens=self.model.visual_tokens_per_image,
             allow_outside_image_root=self.recipe.data.allow_outside_image_root,
+            system=self.recipe.train.system_prompt,
         )
         # Bytes of target text per sample: loss in bits per byte compares across 32k and 128k vocabularies.
         texts = self.tokenizer.batch_decode([e.input_ids[e.labels != -100].tolist() for e in data.items],
@@ -601,6 +602,7 @@ class Trainer:
         """The final model as a Hugging Face folder (LoRA merged on request; FSDP shards gathered first)."""
         dest = self.out / "export"
         meta = {"backbone": self.backbone.name, "chat_template": self.backbone.chat_template,
+                "system_prompt": self.recipe.train.system_prompt,  # None: the template's own
                 "stop_tokens": list(self.backbone.stop_tokens),
                 "image_aspect": self.image_aspect(self.recipe.stages[-1]),  # the last stage's: what it was tuned on
                 "seed": self.recipe.train.seed}
