@@ -513,12 +513,13 @@ class Trainer:
         for mbs in per_step:
             yield [next(it) for _ in mbs]
 
-    def _micro_step(self, module, batch, normaliser):
-        """Forward and backward of one micro-batch; an out-of-memory error says what to lower."""
+    def _micro_step(self, module, batch, normaliser, weight: float = 1.0):
+        """Forward and backward of one micro-batch; an out-of-memory error says what to lower.
+        ``weight=0``: the collectives of a pass and no gradient (FSDP's filler passes)."""
         try:
             with self.autocast:
                 loss = module(batch, normaliser)
-            loss.backward()
+            (loss * weight if weight != 1.0 else loss).backward()
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             text = str(exc)
             if not (isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text
@@ -545,6 +546,14 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
+        if self._fsdp is not None and d.enabled:
+            # FSDP all-gathers every layer in every forward: a rank whose share of the step packed into fewer
+            # micro-batches (the planner evens tokens, not counts) runs zero-weighted passes over its first one
+            # first, or the ranks' collectives would not pair up and the step would hang.
+            fill = distributed.all_reduce_max_int(len(batches), d) - len(batches)
+            for _ in range(fill):
+                with gradient_sync(module, enabled=False):
+                    self._micro_step(module, batches[0], normaliser, weight=0.0)
         for i, b in enumerate(batches):
             with gradient_sync(module, enabled=i == len(batches) - 1):
                 loss_sum += self._micro_step(module, b, normaliser)
