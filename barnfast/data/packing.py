@@ -25,7 +25,8 @@ Algorithm, per epoch:
    the budget fits nowhere, opens a bin of its own and leaves it closed (the trainer warns).
    Within a micro-batch samples are listed in data order (their position in the step).
    LPT evens the tokens per rank, hence the micro-batch count per rank to within about one; the
-   counts may still differ, which the trainer tolerates.
+   counts may still differ: DDP syncs once per step and does not mind; under FSDP, which all-gathers in
+   every forward, the trainer gives the ranks with fewer micro-batches zero-weighted filler passes.
 
 Determinism rule: the step membership and order (step 1) depend only on (seed, epoch, n, G, and
 the per-sample modality when grouped), never on the lengths nor the world size, so every backbone
