@@ -47,15 +47,6 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def all_reduce_max_int(value: int, info: DistInfo) -> int:
-    """The largest ``value`` over ranks (a host sync; ``value`` itself on one process)."""
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -329,11 +329,12 @@ class Trainer:
                           f"(longest: {int(data.lengths.max())} tokens)", stacklevel=2)
         return plan
 
-    def micro_batches(self, plan: packing.EpochPlan, step: int) -> list[np.ndarray]:
-        """This rank's micro-batches of a step: packed by the planner, or fixed-size padded ones."""
+    def micro_batches(self, plan: packing.EpochPlan, step: int, rank: int | None = None) -> list[np.ndarray]:
+        """A rank's (default: this one's) micro-batches of a step: packed by the planner, or fixed-size padded."""
+        rank = self.dist.rank if rank is None else rank
         if self.recipe.train.packing:
-            return plan.micro_batches(step, self.dist.rank)
-        mine = plan.step_samples(step)[self.dist.rank::self.dist.world_size]
+            return plan.micro_batches(step, rank)
+        mine = plan.step_samples(step)[rank::self.dist.world_size]
         k = self.recipe.train.micro_batch_size
         return [mine[i:i + k] for i in range(0, len(mine), k)]
 
@@ -398,7 +399,8 @@ class Trainer:
                 plan = self.plan(data, stage, epoch=epoch)
             count = min(per_epoch, total - epoch * per_epoch) - first
             for k, mbs in enumerate(self._loader(data, plan, range(first, first + count))):
-                rec = self.train_step(module, opt, params, stage, mbs, step, total)
+                rec = self.train_step(module, opt, params, stage, mbs, step, total,
+                                      fill=self._fsdp_fill(plan, first + k, len(mbs)))
                 rec["epoch"] = epoch
                 self._record_loader_skips(stage, data, [[i, why, step] for i, why in rec.pop("decode_skipped")])
                 if rec["skipped"]:
@@ -496,6 +498,15 @@ class Trainer:
         warnings.warn(f"{stage.name} step {step}: non-finite loss/grad norm, step skipped "
                       f"(samples: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''})", stacklevel=2)
 
+    def _fsdp_fill(self, plan, step_in_epoch: int, mine: int) -> int:
+        """Filler passes this rank runs in a step under FSDP: FSDP all-gathers every layer in every forward, and
+        the planner evens tokens per rank, not micro-batch counts, so a rank with fewer micro-batches than the
+        busiest would leave the collectives unpaired and the step would hang. Read from the plan, which every
+        rank holds: no collective."""
+        if self._fsdp is None or self.dist.world_size == 1:
+            return 0
+        return max(len(self.micro_batches(plan, step_in_epoch, r)) for r in range(self.dist.world_size)) - mine
+
     def _loader(self, data: StageDataset, plan, steps: range):
         """Yields, per step, the list of this rank's micro-batches (built in DataLoader workers)."""
         per_step = [self.micro_batches(plan, s) for s in steps]
@@ -532,7 +543,7 @@ class Trainer:
             ) from exc
         return loss.detach()
 
-    def train_step(self, module, opt, params, stage, batches, step: int, total: int) -> dict:
+    def train_step(self, module, opt, params, stage, batches, step: int, total: int, fill: int = 0) -> dict:
         d = self.dist
         t0 = time.perf_counter()
         dropped = [list(x) for b in batches for x in getattr(b, "dropped", ())]  # images that failed to decode
@@ -546,14 +557,9 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        if self._fsdp is not None and d.enabled:
-            # FSDP all-gathers every layer in every forward: a rank whose share of the step packed into fewer
-            # micro-batches (the planner evens tokens, not counts) runs zero-weighted passes over its first one
-            # first, or the ranks' collectives would not pair up and the step would hang.
-            fill = distributed.all_reduce_max_int(len(batches), d) - len(batches)
-            for _ in range(fill):
-                with gradient_sync(module, enabled=False):
-                    self._micro_step(module, batches[0], normaliser, weight=0.0)
+        for _ in range(fill):  # FSDP: zero-weighted passes over the first micro-batch (see _fsdp_fill)
+            with gradient_sync(module, enabled=False):
+                self._micro_step(module, batches[0], normaliser, weight=0.0)
         for i, b in enumerate(batches):
             with gradient_sync(module, enabled=i == len(batches) - 1):
                 loss_sum += self._micro_step(module, b, normaliser)
