@@ -54,6 +54,7 @@ def test_pope_scienceqa_llava_formats(tmp_path):
     assert items[0].image == tmp_path / "images" / "test" / "10" / "image.png"
     assert items[0].prompt == ("Context: Look closely.\nWhich is a mammal?\nA. frog\nB. whale\nC. trout\n"
                                "Answer with the option's letter from the given choices directly.")
+    assert items[0].question == "Context: Look closely.\nWhich is a mammal?"
 
     llava = tmp_path / "questions.jsonl"
     rows = [{"question_id": "q1", "image": "x.png", "text": "What is it?", "answers": ["cat", "cat", "kitten"]},
@@ -184,6 +185,63 @@ def test_option_scoring_falls_back_to_mean_when_labels_share_a_first_token():
     out = eval_lib.score_choices(vlm, item, None, {k: (k,) for k in item.options})
     assert out["scoring"] == "mean"
     assert out["option_logprobs"] == pytest.approx({"B": -0.75, "D": -0.75})
+
+
+class _RankStubVLM(_StubVLM):
+    """_StubVLM that answers in option texts ("red" one token, "blue" two) and records what was asked."""
+
+    TOKENS = {**_StubVLM.TOKENS, "red": [10], "blue": [20, 21]}
+
+    def __init__(self):
+        self.asked = []
+
+    def prompt_ids(self, prompt, num_images=1):
+        self.asked.append(prompt)
+        return [1, 2, 3]
+
+    def answer_ids(self, prompt, answer, num_images=1, include_stop=True):
+        self.asked.append(prompt)
+        return super().answer_ids(prompt, answer, num_images, include_stop)
+
+
+def test_rank_scoring_asks_the_bare_question_and_length_normalises_the_option_texts():
+    vlm = _RankStubVLM()
+    item = EvalItem(id="q", task="mc", category="colour", prompt="Which?\nA. red\nD. blue\nAnswer with the letter.",
+                    answer="D", options={"A": "red", "D": "blue"}, question="Which?")
+    summed = {k: sum(vlm.LOGP[t] for t in vlm.TOKENS[v]) for k, v in item.options.items()}
+    assert max(summed, key=summed.get) == "A"  # summed, blue pays for its second token and loses
+    rec = eval_lib.score_item(vlm, item, option_scoring="rank")
+    assert rec["prediction"] == "D" and rec["correct"] and rec["scoring"] == "rank"
+    assert rec["option_logprobs"] == pytest.approx({"A": -1.0, "D": -0.75})  # mean over each text's tokens
+    assert vlm.asked and set(vlm.asked) == {"Which?"}  # never the prompt with the options and the letter rule
+    # the letter protocols still score the letters after the full prompt
+    vlm.asked.clear()
+    assert eval_lib.score_item(vlm, item, option_scoring="mean")["scoring"] == "mean"
+    assert set(vlm.asked) == {item.prompt}
+    # yes/no under rank: the answers are their own texts, scored as mean
+    yn = eval_lib.score_item(vlm, EvalItem(id="y", task="yesno", category="c", prompt="?", answer="no"),
+                             option_scoring="rank")
+    assert yn["scoring"] == "mean" and yn["prediction"] == "no"
+
+
+def test_rank_scoring_skips_an_item_without_a_bare_question_by_name():
+    vlm = _RankStubVLM()
+    items = [EvalItem(id="has", task="mc", category="c", prompt="Which?\nA. red\nD. blue", answer="A",
+                      options={"A": "red", "D": "blue"}, question="Which?"),
+             EvalItem(id="lacks", task="mc", category="c", prompt="Which?\nA. red\nD. blue", answer="A",
+                      options={"A": "red", "D": "blue"})]
+    skipped = []
+    recs = eval_lib.evaluate(vlm, items, progress=False, option_scoring="rank", ablations=(), skipped=skipped)
+    assert [r["id"] for r in recs] == ["has"]
+    assert [s["id"] for s in skipped] == ["lacks"] and "question" in skipped[0]["reason"]
+    with pytest.raises(ValueError, match="option scoring"):
+        eval_lib.evaluate(vlm, items, progress=False, option_scoring="letters", ablations=())
+
+
+def test_built_in_mc_items_carry_the_bare_question_that_starts_their_prompt():
+    items = load_items(_data() / "eval_mc.jsonl")
+    assert items and all(it.question and it.prompt.startswith(it.question + "\n") for it in items)
+    assert all(v not in it.question for it in items for v in it.options.values() if len(v) > 1)
 
 
 def test_tiny_tokenizers_keep_letters_yes_no_and_the_synthetic_words_whole():

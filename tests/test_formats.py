@@ -102,6 +102,7 @@ def test_mmbench_tsv_base64_images_and_circular_evaluation(tmp_path):
     assert [(i.options[i.answer]) for i in items] == ["red"] * 3 + ["two"] * 2
     assert items[1].options == {"A": "green", "B": "blue", "C": "red"} and items[1].answer == "C"
     assert items[3].prompt.startswith("A toy.\nHow many squares?\nA. one\nB. two\n")
+    assert items[3].question == "A toy.\nHow many squares?" and items[0].question == "Which colour is shown?"
     with Image.open(items[0].image) as im:
         assert im.getpixel((0, 0)) == (255, 0, 0)
     # Question 0 right in every rotation, question 1 right only in the first: circular 1/2, first-rotation 1.
@@ -124,6 +125,7 @@ def test_seed_bench_json_image_questions_only(tmp_path):
     (item,) = load_items(f, image_root=tmp_path / "SEED-Bench-image")
     assert (item.id, item.task, item.category, item.answer) == ("101669", "mc", "Instance Counting", "B")
     assert item.options == {"A": "one", "B": "two", "C": "three", "D": "four"}
+    assert item.question == "How many cats?"  # what SEED-Bench's answer ranking asks (--option-scoring rank)
     assert item.image == tmp_path / "SEED-Bench-image" / "1454426_2591111986"
 
 
@@ -139,7 +141,7 @@ def test_ai2d_release_folder_with_test_ids(tmp_path):
     (root / "ai2d_test_ids.csv").write_text("1\n")
     (item,) = load_items(root)  # a folder with questions/ is AI2D; only test id 1
     assert (item.id, item.task, item.answer, item.options["A"]) == ("1.png-0", "mc", "A", "larva")
-    assert item.image == root / "images" / "1.png"
+    assert item.image == root / "images" / "1.png" and item.question == "Which stage comes after the egg (1)?"
 
 
 def test_pope_and_scienceqa_layouts_are_still_detected(tmp_path):

@@ -19,6 +19,10 @@ How each task is scored (``score_item``):
   options begin with the same token, the mean log-probability of their answer tokens, which is what
   ``--option-scoring mean`` always uses), so an option's token count cannot matter; the prediction is
   the arg-max, ``option_probs`` the softmax over the options, ``confidence`` the prediction's share.
+  ``--option-scoring rank`` is SEED-Bench's answer ranking instead: the question alone (no options, no
+  letter instruction) and each option's text as the answer, mean log-probability; the record's
+  ``option_probs`` are then over the options' texts, keyed by letter. It measures whether the model
+  prefers the right content, not whether it reads the options and names a letter.
 - ``yesno`` (POPE / MME style): the same over the two answers, where each answer's probability is the
   sum over its two spellings ("yes" + "Yes", "no" + "No"); the summary adds POPE's accuracy,
   precision, recall, F1 and yes-ratio.
@@ -55,8 +59,12 @@ YES_NO_SPELLINGS = {"yes": ("yes", "Yes"), "no": ("no", "No")}
 # - first_token: log p(first answer token | prompt), as lmms-eval / MMBench read the option letter the
 #   model generates first; independent of how many tokens an answer takes, one forward per item.
 # - mean: length-normalised log-likelihood (mean over the answer's tokens, the stop token excluded).
+# - rank: SEED-Bench's answer ranking (its official evaluator, LLaVA-1.5's interface included): for mc, the
+#   question alone (no options, no letter instruction, ``EvalItem.question``) and each option's text as the
+#   answer, scored by its mean token log-probability; it asks whether the model prefers the right option's
+#   content, not whether it can name the option's letter. yes/no items are scored as ``mean``.
 # first_token falls back to mean for an item whose labels share a first token (multi-token answers).
-OPTION_SCORING = ("first_token", "mean")
+OPTION_SCORING = ("first_token", "mean", "rank")
 # Image-ablation controls (``--ablation``): each item again with its image replaced.
 # - blank: a white image of the tower's input size (the synthetic scenes' background is near-white,
 #   225-255, so this is the scene without its shapes);
@@ -70,19 +78,21 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def score_choices(vlm: ExportedVLM, item: EvalItem, pixel_values, choices: dict[str, tuple[str, ...]],
-                  method: str = "first_token") -> dict:
+                  method: str = "first_token", prompt_text: str | None = None) -> dict:
     """Probabilities of ``choices`` (label → spellings) as the answer, softmax over labels.
 
     A spelling's score is (``method``, see :data:`OPTION_SCORING`) the log-probability of its first answer
     token, or the mean log-probability of its answer tokens; a label's score is the log-sum-exp over its
     spellings. The answer tokens are those training labels (``ExportedVLM.answer_ids``, stop token dropped).
+    ``prompt_text``: the text asked instead of ``item.prompt`` (``rank``: the bare question).
     """
-    if method not in OPTION_SCORING:
-        raise ValueError(f"option scoring must be one of {OPTION_SCORING}, got {method!r}")
+    if method not in ("first_token", "mean"):  # rank is mean over the options' texts (see _answer)
+        raise ValueError(f"choices are scored by first_token or mean, got {method!r}")
+    text = item.prompt if prompt_text is None else prompt_text
     n_img = 1 if pixel_values is not None else 0
-    prompt = vlm.prompt_ids(item.prompt, n_img)
+    prompt = vlm.prompt_ids(text, n_img)
     flat = [(label, s) for label, spellings in choices.items() for s in spellings]
-    conts = [vlm.answer_ids(item.prompt, s, n_img, include_stop=False) for _, s in flat]
+    conts = [vlm.answer_ids(text, s, n_img, include_stop=False) for _, s in flat]
     first_of: dict[int, set[str]] = defaultdict(set)
     for (label, _), c in zip(flat, conts):
         first_of[c[0]].add(label)
@@ -108,11 +118,14 @@ def score_choices(vlm: ExportedVLM, item: EvalItem, pixel_values, choices: dict[
 
 def _answer(vlm: ExportedVLM, item: EvalItem, pv, max_new_tokens: int, option_scoring: str) -> dict:
     """Prediction fields of ``item`` answered with the pixels ``pv`` (None: text only)."""
+    if item.task == "mc" and option_scoring == "rank":
+        out = score_choices(vlm, item, pv, {k: (v,) for k, v in item.options.items()}, "mean", item.question)
+        return {**out, "scoring": "rank", "correct": out["prediction"] == item.answer}
     if item.task == "mc":
         out = score_choices(vlm, item, pv, {k: (k,) for k in item.options}, option_scoring)
         return {**out, "correct": out["prediction"] == item.answer}
     if item.task == "yesno":
-        out = score_choices(vlm, item, pv, YES_NO_SPELLINGS, option_scoring)
+        out = score_choices(vlm, item, pv, YES_NO_SPELLINGS, "mean" if option_scoring == "rank" else option_scoring)
         return {**out, "correct": out["prediction"] == item.answer}
     prompt = vlm.prompt_ids(item.prompt, 1 if pv is not None else 0)
     ids, logps, stopped = vlm.greedy(prompt, pv, max_new_tokens=max_new_tokens)
@@ -178,10 +191,13 @@ def _ablation_plan(vlm: ExportedVLM, items: list[EvalItem], kinds) -> list[dict 
     return plans
 
 
-def _check_item(item: EvalItem) -> None:
+def _check_item(item: EvalItem, option_scoring: str = "first_token") -> None:
     """SampleError naming the problem of an item that cannot be scored (before any model work)."""
     if item.image is not None and not Path(item.image).is_file():
         raise SampleError(f"image not found: {item.image}")
+    if option_scoring == "rank" and item.task == "mc" and not (item.question or "").strip():
+        raise SampleError("has no bare question (a 'question' field without the options), which "
+                          "--option-scoring rank asks before each option's text")
 
 
 def evaluate(vlm: ExportedVLM, items: list[EvalItem], max_new_tokens: int = 16, progress: bool = True,
@@ -192,6 +208,9 @@ def evaluate(vlm: ExportedVLM, items: list[EvalItem], max_new_tokens: int = 16, 
     is a list, listed there as ``{"id", "reason"}`` (else the SampleError is raised)."""
     if max_new_tokens < 1 and any(it.task == "open" for it in items):
         raise ValueError(f"max_new_tokens must be >= 1 for open answers, got {max_new_tokens}")
+    if option_scoring not in OPTION_SCORING:
+        raise ValueError(f"option scoring must be one of {OPTION_SCORING}, got {option_scoring!r}")
+
     def skip(it: EvalItem, exc: SampleError) -> None:
         if skipped is None:
             raise SampleError(f"item {it.id}: {exc}") from None
@@ -200,7 +219,7 @@ def evaluate(vlm: ExportedVLM, items: list[EvalItem], max_new_tokens: int = 16, 
     usable = []
     for it in items:  # before any model work, and so that no item borrows a missing image as "other"
         try:
-            _check_item(it)
+            _check_item(it, option_scoring)
         except SampleError as exc:
             skip(it, exc)
             continue
@@ -426,7 +445,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N items only")
     p.add_argument("--max-new-tokens", type=_positive_int, default=16)
     p.add_argument("--option-scoring", default="first_token", choices=OPTION_SCORING,
-                   help="mc / yes-no: log p of the answer's first token, or the length-normalised likelihood")
+                   help="mc / yes-no: log p of the answer's first token (first_token), the length-normalised "
+                        "likelihood (mean), or, for mc, SEED-Bench's answer ranking: each option's text after the "
+                        "question alone, length-normalised (rank)")
     p.add_argument("--ablation", default=",".join(ABLATIONS),
                    help="image-ablation controls, comma-separated (blank, other; '' for none)")
     p.add_argument("--output", default=None, help="JSONL of records (default: <run>/eval/<data stem>.jsonl)")

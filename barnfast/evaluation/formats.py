@@ -85,6 +85,9 @@ class EvalItem:
     image: Path | None = None
     answers: list[str] = field(default_factory=list)
     options: dict[str, str] | None = None
+    question: str | None = None
+    """The question without its options and answer instruction (context first, as in ``prompt``): what
+    ``--option-scoring rank`` asks before scoring each option's text (SEED-Bench's answer ranking)."""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -211,7 +214,8 @@ def load_items(path: str | Path, fmt: str = "auto", image_root: str | Path | Non
 def _synthetic_one(r, root: Path, path: Path) -> EvalItem:
     return EvalItem(id=str(r["question_id"]), task=r["task"], category=r["category"], prompt=r["prompt"],
                     answer=str(r["answer"]), image=root / r["image"] if r.get("image") else None,
-                    answers=[str(a) for a in r.get("answers", [r["answer"]])], options=r.get("options"))
+                    answers=[str(a) for a in r.get("answers", [r["answer"]])], options=r.get("options"),
+                    question=r.get("question"))
 
 
 def _pope_one(r, root: Path, path: Path) -> EvalItem:
@@ -233,7 +237,8 @@ def _scienceqa(problems: dict, root: Path, split: str) -> list[EvalItem]:
         prompt = f"{context}{p['question']}\n{lines}\n{LETTER_ANSWER}"
         items.append(EvalItem(id=str(pid), task="mc", category=str(p.get("subject", "scienceqa")), prompt=prompt,
                               answer=letters[int(p["answer"])], image=root / split / str(pid) / p["image"],
-                              answers=[letters[int(p["answer"])]], options=options))
+                              answers=[letters[int(p["answer"])]], options=options,
+                              question=f"{context}{p['question']}"))
     return items
 
 
@@ -283,7 +288,8 @@ def _seed(records: dict, root: Path, path: Path) -> list[EvalItem]:
         items.append(EvalItem(id=str(q["question_id"]), task="mc",
                               category=types.get(int(q.get("question_type_id", -1)), "seed"),
                               prompt=_options_prompt(q["question"], options), answer=str(q["answer"]).strip().upper(),
-                              image=root / q["data_id"], answers=[str(q["answer"]).strip().upper()], options=options))
+                              image=root / q["data_id"], answers=[str(q["answer"]).strip().upper()], options=options,
+                              question=str(q["question"])))
     return items
 
 
@@ -330,7 +336,8 @@ def _ai2d(root: Path, image_root) -> list[EvalItem]:
             options = dict(zip(letters, [str(a) for a in q["answerTexts"]]))
             answer = letters[int(q["correctAnswer"])]
             items.append(EvalItem(id=str(q["questionId"]), task="mc", category="ai2d", prompt=_options_prompt(text,
-                                  options), answer=answer, image=images / name, answers=[answer], options=options))
+                                  options), answer=answer, image=images / name, answers=[answer], options=options,
+                                  question=text))
     return items
 
 
@@ -374,7 +381,8 @@ def _mmbench(path: Path, image_root) -> list[EvalItem]:
             group, rot = index % CIRCULAR_OFFSET, (index // CIRCULAR_OFFSET if own_rotations else k)
             items.append(EvalItem(id=f"{group}@{rot}", task="mc", category=str(r.get("category", "mmbench")),
                                   prompt=_options_prompt(r["question"], options, hint), answer=answer, image=image,
-                                  answers=[answer], options=options))
+                                  answers=[answer], options=options,
+                                  question=f"{hint}\n{r['question']}" if hint else str(r["question"])))
     return items
 
 
@@ -456,4 +464,4 @@ def _llava_one(r, root: Path, path: Path) -> EvalItem:
         answer = answer.strip().lower()
     return EvalItem(id=str(r["question_id"]), task=task, category=str(r.get("category", "all")),
                     prompt=prompt, answer=answer, image=root / r["image"] if r.get("image") else None,
-                    answers=answers, options=options)
+                    answers=answers, options=options, question=r.get("question"))
