@@ -118,14 +118,14 @@ def score_choices(vlm: ExportedVLM, item: EvalItem, pixel_values, choices: dict[
 
 def _answer(vlm: ExportedVLM, item: EvalItem, pv, max_new_tokens: int, option_scoring: str) -> dict:
     """Prediction fields of ``item`` answered with the pixels ``pv`` (None: text only)."""
-    if item.task == "mc" and option_scoring == "rank":
-        out = score_choices(vlm, item, pv, {k: (v,) for k, v in item.options.items()}, "mean", item.question)
-        return {**out, "scoring": "rank", "correct": out["prediction"] == item.answer}
+    ranked = option_scoring == "rank"  # mc: the options' texts after the bare question; yes/no: mean
+    method = "mean" if ranked else option_scoring
     if item.task == "mc":
-        out = score_choices(vlm, item, pv, {k: (k,) for k in item.options}, option_scoring)
-        return {**out, "correct": out["prediction"] == item.answer}
+        choices = {k: (v if ranked else k,) for k, v in item.options.items()}
+        out = score_choices(vlm, item, pv, choices, method, item.question if ranked else None)
+        return {**out, "scoring": "rank" if ranked else out["scoring"], "correct": out["prediction"] == item.answer}
     if item.task == "yesno":
-        out = score_choices(vlm, item, pv, YES_NO_SPELLINGS, "mean" if option_scoring == "rank" else option_scoring)
+        out = score_choices(vlm, item, pv, YES_NO_SPELLINGS, method)
         return {**out, "correct": out["prediction"] == item.answer}
     prompt = vlm.prompt_ids(item.prompt, 1 if pv is not None else 0)
     ids, logps, stopped = vlm.greedy(prompt, pv, max_new_tokens=max_new_tokens)
